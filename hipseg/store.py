@@ -1,0 +1,241 @@
+"""The Zarr store layout: the one place that knows array names, chunking and the schema version.
+
+A store is a Zarr v3 group (readable with plain ``zarr.open``)::
+
+    images            float16 (N, X, Y, Z)  normalised ROI crops, one chunk per volume, sharded
+    labels            uint8   (N, X, Y, Z)  label ROI crops, same chunking
+    slices/sagittal   int32   (M, 2 + K)    (volume, slice, voxels of class 1..K) per slice
+    slices/coronal    int32   ...
+    slices/axial      int32   ...
+
+Volumes are in the canonical RAS+ orientation, so array axis 0 runs left to right
+(sagittal slices), axis 1 posterior to anterior (coronal) and axis 2 inferior to
+superior (axial).  Group attributes ``hipseg`` hold the store-wide metadata and
+``volumes`` the per-volume metadata; docs/store-format.md describes every field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from hipseg.errors import StoreError
+
+FORMAT_VERSION = 1
+CLASS_NAMES: tuple[str, ...] = ("background", "anterior", "posterior")
+AXIS_NAMES: tuple[str, ...] = ("sagittal", "coronal", "axial")
+IMAGES = "images"
+LABELS = "labels"
+SLICES = "slices"
+IMAGE_DTYPE = np.dtype("float16")
+LABEL_DTYPE = np.dtype("uint8")
+NORMALISATION = {
+    "scheme": "percentile-minmax",
+    "description": "per volume: clip to [p0.5, p99.5] of all voxels, then scale to [0, 1]",
+    "low_percentile": 0.5,
+    "high_percentile": 99.5,
+}
+
+
+def axis_index(axis: str) -> int:
+    """Array axis of a crop that a named view slices along."""
+    try:
+        return AXIS_NAMES.index(axis)
+    except ValueError:
+        raise StoreError(f"unknown axis {axis!r}; expected one of {', '.join(AXIS_NAMES)}") from None
+
+
+def slice_table_columns(class_names: Sequence[str] = CLASS_NAMES) -> list[str]:
+    return ["volume", "slice", *class_names[1:]]
+
+
+def default_codec() -> zarr.codecs.BloscCodec:
+    # Blosc+zstd with byte shuffle: on the real crops it gave the smallest store
+    # among zarr's built-in codecs at negligible decode cost (benchmarks/bench_convert.py).
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def volumes_per_shard(roi_shape: Sequence[int], n_volumes: int, target_bytes: int = 8 << 20) -> int:
+    """How many volumes one shard (one file, one conversion task) holds: about 8 MiB of crops."""
+    crop_bytes = int(np.prod(roi_shape)) * IMAGE_DTYPE.itemsize
+    return int(max(1, min(n_volumes, target_bytes // max(crop_bytes, 1))))
+
+
+def create_arrays(
+    group: zarr.Group, n_volumes: int, roi_shape: Sequence[int], shard_volumes: int
+) -> None:
+    """Create the image and label arrays of a new store (data is written block by block)."""
+    roi = tuple(int(s) for s in roi_shape)
+    for name, dtype in ((IMAGES, IMAGE_DTYPE), (LABELS, LABEL_DTYPE)):
+        group.create_array(
+            name,
+            shape=(n_volumes, *roi),
+            chunks=(1, *roi),
+            shards=(shard_volumes, *roi),
+            dtype=dtype,
+            compressors=[default_codec()],
+            fill_value=0,
+            overwrite=True,
+        )
+
+
+def write_block(group: zarr.Group, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write whole shards of crops starting at volume ``start`` (a block is one shard)."""
+    stop = start + images.shape[0]
+    group[IMAGES][start:stop] = images.astype(IMAGE_DTYPE, copy=False)
+    group[LABELS][start:stop] = labels.astype(LABEL_DTYPE, copy=False)
+
+
+def slice_counts(label_crop: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """Voxels of each foreground class in every slice of a crop, per axis: {axis: (n_slices, K)}."""
+    counts = {}
+    for axis_number, axis in enumerate(AXIS_NAMES):
+        moved = np.moveaxis(label_crop, axis_number, 0).reshape(label_crop.shape[axis_number], -1)
+        per_class = np.stack(
+            [(moved == c).sum(axis=1) for c in range(1, n_classes)], axis=1
+        ).astype(np.int32)
+        counts[axis] = per_class
+    return counts
+
+
+def build_slice_table(per_volume_counts: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack per-volume (n_slices, K) counts into one (M, 2 + K) table of (volume, slice, counts)."""
+    rows = []
+    for volume, counts in enumerate(per_volume_counts):
+        n = counts.shape[0]
+        ids = np.stack([np.full(n, volume, np.int32), np.arange(n, dtype=np.int32)], axis=1)
+        rows.append(np.concatenate([ids, counts.astype(np.int32)], axis=1))
+    width = 2 + (per_volume_counts[0].shape[1] if per_volume_counts else len(CLASS_NAMES) - 1)
+    return np.concatenate(rows, axis=0) if rows else np.zeros((0, width), np.int32)
+
+
+def write_slice_tables(group: zarr.Group, tables: dict[str, np.ndarray]) -> None:
+    slices = group.require_group(SLICES)
+    for axis, table in tables.items():
+        slices.create_array(
+            axis, data=np.ascontiguousarray(table, dtype=np.int32),
+            chunks=(max(1, table.shape[0]), table.shape[1]), overwrite=True,
+        )
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Store-wide metadata (the ``hipseg`` group attribute)."""
+
+    format_version: int
+    class_names: tuple[str, ...]
+    roi_shape: tuple[int, int, int]
+    n_volumes: int
+    normalisation: dict
+    skipped: tuple[dict, ...] = ()
+    source: str = ""
+    axes: tuple[str, ...] = AXIS_NAMES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "class_names": list(self.class_names),
+            "roi_shape": list(self.roi_shape),
+            "n_volumes": self.n_volumes,
+            "normalisation": dict(self.normalisation),
+            "skipped": [dict(s) for s in self.skipped],
+            "source": self.source,
+            "axes": list(self.axes),
+            "slice_table_columns": slice_table_columns(self.class_names),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StoreInfo:
+        return cls(
+            format_version=int(data["format_version"]),
+            class_names=tuple(data["class_names"]),
+            roi_shape=tuple(int(s) for s in data["roi_shape"]),  # type: ignore[arg-type]
+            n_volumes=int(data["n_volumes"]),
+            normalisation=dict(data["normalisation"]),
+            skipped=tuple(data.get("skipped", ())),
+            source=str(data.get("source", "")),
+            axes=tuple(data.get("axes", AXIS_NAMES)),
+        )
+
+
+class HippocampusStore:
+    """Read-only view of a converted store: metadata, slice tables and crops.
+
+    Opening is cheap (metadata only); image data is read on demand, so a view may
+    be opened inside each DataLoader worker.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no such store (run `hipseg convert` first)")
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r")
+        except Exception as error:  # zarr raises several types for a non-store folder
+            raise StoreError(f"{self.path}: not a Zarr v3 group ({error})") from error
+        attrs = dict(self.group.attrs)
+        if "hipseg" not in attrs:
+            raise StoreError(f"{self.path}: not a hipseg store (no 'hipseg' attribute)")
+        self.info = StoreInfo.from_dict(attrs["hipseg"])
+        if self.info.format_version != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path}: store format version {self.info.format_version}, "
+                f"this hipseg reads version {FORMAT_VERSION}; convert the data again"
+            )
+        self.volumes: list[dict] = list(attrs.get("volumes", []))
+
+    @property
+    def n_volumes(self) -> int:
+        return self.info.n_volumes
+
+    @property
+    def roi_shape(self) -> tuple[int, int, int]:
+        return self.info.roi_shape
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.info.class_names
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [v["case_id"] for v in self.volumes]
+
+    @property
+    def images(self) -> zarr.Array:
+        return self.group[IMAGES]
+
+    @property
+    def labels(self) -> zarr.Array:
+        return self.group[LABELS]
+
+    def slice_table(self, axis: str) -> np.ndarray:
+        axis_index(axis)
+        return np.asarray(self.group[f"{SLICES}/{axis}"][...])
+
+    def slice_shape(self, axis: str) -> tuple[int, int]:
+        """In-plane (H, W) of slices along ``axis``: the ROI shape without that axis."""
+        shape = list(self.roi_shape)
+        del shape[axis_index(axis)]
+        return (shape[0], shape[1])
+
+    def read_volume(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """One volume's (image float32, label uint8) crops."""
+        return (np.asarray(self.images[index], dtype=np.float32), np.asarray(self.labels[index]))
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """All crops at once: (images float16, labels uint8), shaped (N, X, Y, Z)."""
+        return np.asarray(self.images[...]), np.asarray(self.labels[...])
+
+    def __repr__(self) -> str:
+        return (f"HippocampusStore({str(self.path)!r}, volumes={self.n_volumes}, "
+                f"roi={self.roi_shape}, classes={list(self.class_names)})")
+
+
+def open_store(path: str | Path) -> HippocampusStore:
+    return HippocampusStore(path)
