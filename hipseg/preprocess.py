@@ -75,3 +75,11 @@ def uncrop(crop_: np.ndarray, offset: np.ndarray, shape: Sequence[int], fill=0) 
     source, target = _overlap(offset, crop_.shape, shape)
     out[source] = crop_[target]
     return out
+
+
+def restore_to_original(crop_: np.ndarray, volume: dict, fill=0) -> np.ndarray:
+    """A store crop back in its source file's grid and orientation, from the store's volume metadata."""
+    from hipseg.nifti import from_canonical
+
+    canonical = uncrop(crop_, np.asarray(volume["crop_offset"]), volume["canonical_shape"], fill)
+    return from_canonical(canonical, np.asarray(volume["affine"]))

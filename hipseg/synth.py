@@ -168,10 +168,10 @@ def make_dataset(out_dir: str | Path, config: SynthConfig = SynthConfig(), progr
     for index in tqdm(range(config.n_cases), desc="synthesising", unit="case", disable=not progress):
         image, label, affine = synth_case(config, index)
         name = f"{case_name(index)}.nii.gz"
-        header = nib.Nifti1Header()
-        header.set_xyzt_units("mm")
-        nib.save(nib.Nifti1Image(image, affine, header), out / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(label, affine, header), out / "labelsTr" / name)
+        for data, folder in ((image, "imagesTr"), (label, "labelsTr")):
+            nifti = nib.Nifti1Image(data, affine)  # the header takes the array's own dtype
+            nifti.header.set_xyzt_units("mm")
+            nib.save(nifti, out / folder / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     manifest = {
         "name": "SynthHippocampus",

@@ -1,0 +1,427 @@
+"""Conversion: NIfTI cases -> one Zarr store, in parallel on Dask, resumable after any interruption.
+
+Two passes over the cases. The first validates every case and finds its label's
+bounding box, which fixes the store's ROI shape and each crop's offset (the plan).
+The second normalises, crops and writes whole shards, one Dask task per shard,
+so no two tasks ever write the same file.
+
+Crash safety: all work happens in ``DST.partial/`` (plan, one JSON file per
+finished shard, the store itself); the finished store is moved to ``DST`` with
+one atomic rename. A killed run leaves no ``DST`` and a ``DST.partial/`` that the
+next run of the same command picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+
+from hipseg import __version__, store
+from hipseg.errors import ConfigError, InputError, SkippedCasesError, StoreError, StoreExistsError
+from hipseg.nifti import case_id_from_path, is_nifti_name, load_case
+from hipseg.preprocess import crop, derive_roi_shape, label_bbox, normalise_intensity, roi_offset
+
+PLAN = "plan.json"
+BLOCKS = "blocks"
+STORE = "store.zarr"
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """Where one case's files are; either may be missing (that case is then skipped)."""
+
+    case_id: str
+    image: str | None
+    label: str | None
+
+
+@dataclass
+class ConvertReport:
+    path: Path
+    n_volumes: int
+    roi_shape: tuple[int, int, int]
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_blocks: int = 0
+    up_to_date: bool = False
+
+    def summary(self) -> str:
+        lines = [f"{self.path}: {self.n_volumes} volumes, ROI {'x'.join(map(str, self.roi_shape))}"
+                 + (" (already up to date)" if self.up_to_date else f", {self.seconds:.1f} s")]
+        if self.resumed_blocks:
+            lines.append(f"resumed: {self.resumed_blocks} shard(s) were already done")
+        for s in self.skipped:
+            lines.append(f"skipped {s['case']}: {s['reason']}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- discovery
+
+def _inside(root: Path, relative: str) -> Path | None:
+    path = (root / relative).resolve()
+    return path if path.is_relative_to(root.resolve()) else None
+
+
+def discover_decathlon(root: Path) -> tuple[list[CaseSource], list[dict], tuple[str, ...]]:
+    """Cases listed in dataset.json's "training"; entries pointing outside the folder are skipped."""
+    manifest_path = root / "dataset.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(manifest_path, f"cannot read dataset.json ({error})") from error
+    labels = manifest.get("labels") or {"0": "background", "1": "anterior", "2": "posterior"}
+    class_names = tuple(str(labels[k]).lower() for k in sorted(labels, key=int))
+    sources, skipped = [], []
+    for entry in manifest.get("training", []):
+        image_rel, label_rel = entry.get("image", ""), entry.get("label", "")
+        case_id = case_id_from_path(image_rel or label_rel)
+        image, label = _inside(root, image_rel), _inside(root, label_rel)
+        if image is None or label is None:
+            bad = image_rel if image is None else label_rel
+            skipped.append({"case": case_id, "reason": f"dataset.json entry {bad!r} points outside {root}"})
+            continue
+        sources.append(CaseSource(case_id, str(image), str(label)))
+    return sources, skipped, class_names
+
+
+def discover_folders(root: Path) -> tuple[list[CaseSource], list[dict], tuple[str, ...]]:
+    """images/ + labels/ paired by file name."""
+    def by_id(folder: Path) -> dict[str, Path]:
+        return {case_id_from_path(p): p for p in sorted(folder.iterdir()) if is_nifti_name(p)}
+
+    images, labels = by_id(root / "images"), by_id(root / "labels")
+    sources = [CaseSource(c, str(images.get(c)) if c in images else None,
+                          str(labels.get(c)) if c in labels else None)
+               for c in sorted(set(images) | set(labels))]
+    return sources, [], store.CLASS_NAMES
+
+
+def discover(src: str | Path) -> tuple[list[CaseSource], list[dict], tuple[str, ...]]:
+    root = Path(src)
+    if (root / "dataset.json").is_file():
+        return discover_decathlon(root)
+    if (root / "images").is_dir() and (root / "labels").is_dir():
+        return discover_folders(root)
+    if not root.exists():
+        raise InputError(root, "no such folder")
+    raise InputError(root, "expected a Decathlon task folder (dataset.json, imagesTr/, labelsTr/) "
+                           "or a folder with images/ and labels/")
+
+
+# ---------------------------------------------------------------- per-case work (runs on workers)
+
+def scan_case(source: CaseSource, n_classes: int) -> dict:
+    """Pass 1: validate a case and return its canonical shape and label bounding box."""
+    if source.image is None:
+        return {"case": source.case_id, "reason": f"label without an image ({source.label})"}
+    if source.label is None:
+        return {"case": source.case_id, "reason": f"image without a label ({source.image})"}
+    try:
+        case = load_case(source.image, source.label, n_classes)
+    except InputError as error:
+        return {"case": source.case_id, "reason": str(error)}
+    box = label_bbox(case.label)
+    if box is None:
+        return {"case": source.case_id, "reason": f"{source.label}: label has no hippocampus voxels"}
+    return {"case": source.case_id, "shape": list(case.image.shape),
+            "start": box[0].tolist(), "stop": box[1].tolist()}
+
+
+def convert_block(work: str, start: int, entries: Sequence[dict], roi_shape: Sequence[int],
+                  class_names: Sequence[str]) -> int:
+    """Pass 2: crop and write one shard, then record it as done (the record is the commit)."""
+    images = np.zeros((len(entries), *roi_shape), dtype=store.IMAGE_DTYPE)
+    labels = np.zeros((len(entries), *roi_shape), dtype=store.LABEL_DTYPE)
+    volumes, counts = [], []
+    for i, entry in enumerate(entries):
+        case = load_case(entry["image"], entry["label"], len(class_names))
+        normalised, lo, hi = normalise_intensity(case.image)
+        offset = np.asarray(entry["offset"])
+        images[i] = crop(normalised, offset, roi_shape)
+        labels[i] = crop(case.label, offset, roi_shape)
+        counts.append({axis: c.tolist() for axis, c in store.slice_counts(labels[i], len(class_names)).items()})
+        volumes.append({
+            "case_id": case.case_id, "image_path": case.image_path, "label_path": case.label_path,
+            "original_shape": list(case.original_shape), "canonical_shape": list(case.image.shape),
+            "affine": case.affine.tolist(), "spacing": list(case.spacing), "axcodes": list(case.axcodes),
+            "source_dtype": case.source_dtype, "crop_offset": offset.tolist(),
+            "normalisation": {"low": lo, "high": hi},
+            "class_voxels": np.bincount(case.label.ravel(), minlength=len(class_names)).tolist(),
+            "sha256": {"image": case.image_sha256, "label": case.label_sha256},
+        })
+    group = zarr.open_group(str(Path(work) / STORE), mode="r+")
+    store.write_block(group, start, images, labels)
+    _write_json_atomic(Path(work) / BLOCKS / f"{start:08d}.json", {"volumes": volumes, "counts": counts})
+    return start
+
+
+def _convert_block_args(args: tuple) -> int:
+    return convert_block(*args)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _write_json_atomic(path: Path, data: object) -> None:
+    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(temporary, "w") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _fingerprint(sources: Sequence[CaseSource], options: dict) -> str:
+    """Identity of a conversion: its inputs (path, size, mtime) and options, for resume and up-to-date checks."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for s in sources:
+        for path in (s.image, s.label):
+            stat = os.stat(path) if path and os.path.exists(path) else None
+            digest.update(f"{path}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}\n".encode())
+    return digest.hexdigest()
+
+
+def _parse_roi(roi: Sequence[int] | str | None) -> tuple[int, int, int] | None:
+    if roi is None:
+        return None
+    values = [int(v) for v in roi.lower().split("x")] if isinstance(roi, str) else [int(v) for v in roi]
+    if len(values) != 3 or min(values) < 8:
+        raise ConfigError(f"ROI must be three sizes of at least 8 voxels like 48x64x48, got {roi!r}")
+    return tuple(values)  # type: ignore[return-value]
+
+
+class _Runner:
+    """Runs tasks in-process (one worker) or on a dask.distributed cluster, with a progress bar."""
+
+    def __init__(self, workers: int, scheduler: str | None, progress: bool) -> None:
+        self.progress = progress
+        self.client = None
+        self.cluster = None
+        if scheduler:
+            from distributed import Client
+
+            self.client = Client(scheduler)
+        elif workers > 1:
+            from distributed import Client, LocalCluster
+
+            # Processes with one thread each: NIfTI decoding and numpy work then run truly in
+            # parallel, and peak memory is bounded by workers x one volume.
+            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                        dashboard_address=None)
+            self.client = Client(self.cluster)
+
+    def map(self, function: Callable, items: Sequence, description: str, stop_early=None) -> Iterable:
+        bar = tqdm(total=len(items), desc=description, unit="task", disable=not self.progress)
+        try:
+            if self.client is None:
+                for item in items:
+                    result = function(item)
+                    bar.update()
+                    yield result
+                    if stop_early and stop_early(result):
+                        return
+            else:
+                from distributed import as_completed
+
+                futures = [self.client.submit(function, item, pure=False) for item in items]
+                for future in as_completed(futures):
+                    result = future.result()
+                    bar.update()
+                    yield result
+                    if stop_early and stop_early(result):
+                        for f in futures:
+                            f.cancel()
+                        return
+        finally:
+            bar.close()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+# ---------------------------------------------------------------- the conversion
+
+def _plan(sources, class_names, roi, margin, runner, strict, fingerprint) -> dict:
+    """Pass 1: validate every case, then fix the ROI shape, offsets and shard size."""
+    n_classes = len(class_names)
+    scans = {}
+    for result in runner.map(partial(scan_case, n_classes=n_classes), sources, "checking cases",
+                             stop_early=(lambda r: "reason" in r) if strict else None):
+        scans[result["case"]] = result
+    skipped = [scans[s.case_id] for s in sources if "reason" in scans.get(s.case_id, {})]
+    if strict and skipped:
+        raise InputError(skipped[0]["case"], skipped[0]["reason"])
+    good = [s for s in sources if s.case_id in scans and "reason" not in scans[s.case_id]]
+    extents = [np.subtract(scans[s.case_id]["stop"], scans[s.case_id]["start"]) for s in good]
+    roi_shape = roi or (derive_roi_shape(extents, margin) if extents else (16, 16, 16))
+    entries = []
+    for source, extent in zip(good, extents):
+        if np.any(extent > np.asarray(roi_shape)):
+            skipped.append({"case": source.case_id, "reason": f"labelled region {tuple(int(e) for e in extent)} "
+                            f"does not fit the ROI {roi_shape}; give a larger --roi"})
+            continue
+        scan = scans[source.case_id]
+        offset = roi_offset(np.asarray(scan["start"]), np.asarray(scan["stop"]), roi_shape)
+        entries.append({"case_id": source.case_id, "image": source.image, "label": source.label,
+                        "offset": offset.tolist()})
+    return {"fingerprint": fingerprint, "roi_shape": list(roi_shape), "entries": entries,
+            "skipped": skipped, "class_names": list(class_names)}
+
+
+def _finalise(work: Path, plan: dict, shard: int, source: str) -> None:
+    volumes, per_axis = [], {axis: [] for axis in store.AXIS_NAMES}
+    for start in range(0, len(plan["entries"]), shard):
+        block = json.loads((work / BLOCKS / f"{start:08d}.json").read_text())
+        volumes.extend(block["volumes"])
+        for counts in block["counts"]:
+            for axis in store.AXIS_NAMES:
+                per_axis[axis].append(np.asarray(counts[axis], dtype=np.int32))
+    group = zarr.open_group(str(work / STORE), mode="r+")
+    store.write_slice_tables(group, {axis: store.build_slice_table(c) for axis, c in per_axis.items()})
+    info = store.StoreInfo(
+        format_version=store.FORMAT_VERSION, class_names=tuple(plan["class_names"]),
+        roi_shape=tuple(plan["roi_shape"]), n_volumes=len(volumes),
+        normalisation=store.NORMALISATION, skipped=tuple(plan["skipped"]), source=source,
+    )
+    # Written last: a store whose attributes exist is complete.
+    group.attrs.update({"hipseg": {**info.to_dict(), "fingerprint": plan["fingerprint"],
+                                   "hipseg_version": __version__}, "volumes": volumes})
+
+
+def _existing_fingerprint(path: Path) -> str | None:
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs)["hipseg"].get("fingerprint")
+    except Exception:  # not a (complete) hipseg store
+        return None
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    roi: Sequence[int] | str | None = None,
+    margin: int = 4,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    skip_bad: bool = False,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    shard_volumes: int | None = None,
+) -> ConvertReport:
+    """Convert a Decathlon task folder, or images/ + labels/ folders, into one Zarr store.
+
+    Parameters
+    ----------
+    src, dst
+        Source folder and destination store path.
+    roi
+        Fixed ROI shape (canonical X, Y, Z), e.g. ``"48x64x48"``; derived from the labels if None.
+    margin
+        Voxels added around each label's bounding box when deriving the ROI.
+    workers, scheduler
+        Local Dask worker processes (default: all cores, at most 4), or the address of an existing
+        dask.distributed scheduler.
+    skip_bad, strict
+        Bad cases are always skipped and listed; without ``skip_bad`` the conversion raises
+        :class:`SkippedCasesError` at the end when any was skipped; ``strict`` stops at the first.
+    overwrite
+        Replace an existing store at ``dst`` (the old one is removed only once the new one is in place).
+    shard_volumes
+        Volumes per shard (and per task); about 8 MiB of crops by default.
+    """
+    started = time.perf_counter()
+    dst = Path(dst)
+    work = dst.with_name(dst.name + ".partial")
+    roi_shape = _parse_roi(roi)
+    if margin < 0:
+        raise ConfigError(f"margin must be >= 0, got {margin}")
+    workers = workers or min(os.cpu_count() or 1, 4)
+    sources, skipped_early, class_names = discover(src)
+    if not sources and not skipped_early:
+        raise InputError(src, "no cases found")
+    options = {"roi": roi_shape, "margin": margin, "shard_volumes": shard_volumes,
+               "format": store.FORMAT_VERSION, "classes": class_names}
+    fingerprint = _fingerprint(sources, options)
+
+    if dst.exists():
+        if _existing_fingerprint(dst) == fingerprint:
+            existing = store.open_store(dst)
+            shutil.rmtree(work, ignore_errors=True)  # left over if a run died right after its rename
+            report = ConvertReport(dst, existing.n_volumes, existing.roi_shape, list(existing.info.skipped),
+                                   up_to_date=True)
+            _raise_if_skipped(report, skip_bad)
+            return report
+        if not overwrite:
+            raise StoreExistsError(f"{dst}: already exists and was made from other inputs or options; "
+                                   "pass --overwrite to replace it or choose another destination")
+
+    plan = None
+    if (work / PLAN).exists():
+        plan = json.loads((work / PLAN).read_text())
+        if plan.get("fingerprint") != fingerprint:
+            plan = None
+    if plan is None and work.exists():
+        shutil.rmtree(work)  # an unfinished run of other inputs: nothing in it is reusable
+
+    runner = _Runner(workers, scheduler, progress)
+    try:
+        if plan is None:
+            plan = _plan(sources, class_names, roi_shape, margin, runner, strict, fingerprint)
+            plan["skipped"] = skipped_early + plan["skipped"]
+            entries = plan["entries"]
+            if not entries:
+                raise SkippedCasesError(plan["skipped"])
+            plan["shard_volumes"] = shard_volumes or store.volumes_per_shard(plan["roi_shape"], len(entries))
+            (work / BLOCKS).mkdir(parents=True)
+            group = zarr.open_group(str(work / STORE), mode="w", zarr_format=3)
+            store.create_arrays(group, len(entries), plan["roi_shape"], plan["shard_volumes"])
+            _write_json_atomic(work / PLAN, plan)  # from here on, the run can be resumed
+        entries, shard = plan["entries"], plan["shard_volumes"]
+        starts = list(range(0, len(entries), shard))
+        todo = [s for s in starts if not (work / BLOCKS / f"{s:08d}.json").exists()]
+        roi_final, names = tuple(plan["roi_shape"]), plan["class_names"]
+        blocks = [(str(work), s, entries[s:s + shard], roi_final, names) for s in todo]
+        for _ in runner.map(_convert_block_args, blocks, "converting shards"):
+            pass
+    finally:
+        runner.close()
+
+    _finalise(work, plan, shard, str(Path(src).resolve()))
+    old = dst.with_name(dst.name + f".old{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(work / STORE, dst)
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    report = ConvertReport(dst, len(entries), roi_final, list(plan["skipped"]),
+                           time.perf_counter() - started, resumed_blocks=len(starts) - len(todo))
+    _raise_if_skipped(report, skip_bad)
+    return report
+
+
+def _raise_if_skipped(report: ConvertReport, skip_bad: bool) -> None:
+    if report.skipped and not skip_bad:
+        error = SkippedCasesError(report.skipped)
+        error.report = report  # type: ignore[attr-defined]
+        raise error
+
+
+if __name__ == "__main__":
+    from hipseg.cli import main
+
+    sys.exit(main(["convert", *sys.argv[1:]]))
