@@ -105,7 +105,10 @@ def discover_folders(root: Path) -> tuple[list[CaseSource], list[dict], tuple[st
     sources = [CaseSource(c, str(images.get(c)) if c in images else None,
                           str(labels.get(c)) if c in labels else None)
                for c in sorted(set(images) | set(labels))]
-    return sources, [], store.CLASS_NAMES
+    strays = [{"case": p.name, "reason": f"{p}: not a NIfTI file (expected .nii or .nii.gz)"}
+              for folder in ("images", "labels") for p in sorted((root / folder).iterdir())
+              if p.is_file() and not p.name.startswith(".") and not is_nifti_name(p)]
+    return sources, strays, store.CLASS_NAMES
 
 
 def discover(src: str | Path) -> tuple[list[CaseSource], list[dict], tuple[str, ...]]:
@@ -354,6 +357,8 @@ def convert(
     sources, skipped_early, class_names = discover(src)
     if not sources and not skipped_early:
         raise InputError(src, "no cases found")
+    if strict and skipped_early:
+        raise InputError(skipped_early[0]["case"], skipped_early[0]["reason"])
     options = {"roi": roi_shape, "margin": margin, "shard_volumes": shard_volumes,
                "format": store.FORMAT_VERSION, "classes": class_names}
     fingerprint = _fingerprint(sources, options)

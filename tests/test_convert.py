@@ -184,6 +184,13 @@ def test_bad_case_is_skipped_and_named(folder_pair, tmp_path, kind):
     assert s.n_volumes == 2 and s.info.skipped[0]["case"] == case
 
 
+def test_stray_non_nifti_file_is_listed(folder_pair, tmp_path):
+    (folder_pair / "images" / "notes.txt").write_text("not an image")
+    with pytest.raises(SkippedCasesError, match="notes.txt: not a NIfTI file"):
+        convert(folder_pair, tmp_path / "out.zarr", workers=1, progress=False)
+    assert store.open_store(tmp_path / "out.zarr").n_volumes == 3
+
+
 def test_skip_bad_accepts_and_strict_stops(folder_pair, tmp_path):
     _break(folder_pair, "nan")
     report = convert(folder_pair, tmp_path / "a.zarr", workers=1, progress=False, skip_bad=True)
@@ -249,3 +256,11 @@ def test_kill_9_then_rerun_completes_identically(synth_dataset, synth_store, tmp
     convert(synth_dataset, reference, workers=1, progress=False, shard_volumes=1)
     assert_same_content(reference, dst)
     assert not dst.with_name(dst.name + ".partial").exists()
+
+
+def test_runs_on_an_existing_dask_cluster(synth_dataset, synth_store, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        convert(synth_dataset, tmp_path / "cluster.zarr", scheduler=cluster.scheduler_address, progress=False)
+    assert_same_content(synth_store, tmp_path / "cluster.zarr")
