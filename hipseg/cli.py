@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -13,9 +14,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from hipseg.convert import convert
 
     try:
-        report = convert(args.src, args.dst, roi=args.roi, margin=args.margin, workers=args.workers,
-                         scheduler=args.scheduler, skip_bad=args.skip_bad, strict=args.strict,
-                         overwrite=args.overwrite, progress=not args.quiet)
+        report = convert(
+            args.src,
+            args.dst,
+            roi=args.roi,
+            margin=args.margin,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            skip_bad=args.skip_bad,
+            strict=args.strict,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     except SkippedCasesError as error:
         report = getattr(error, "report", None)
         if report is not None:
@@ -23,9 +33,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         else:
             for s in error.skipped:
                 print(f"skipped {s['case']}: {s['reason']}", file=sys.stderr)
-        print(f"hipseg: {len(error.skipped)} case(s) skipped; the store holds the rest "
-              "(pass --skip-bad to accept that with exit status 0)" if report else
-              "hipseg: no usable case; nothing was written", file=sys.stderr)
+        print(
+            f"hipseg: {len(error.skipped)} case(s) skipped; the store holds the rest "
+            "(pass --skip-bad to accept that with exit status 0)"
+            if report
+            else "hipseg: no usable case; nothing was written",
+            file=sys.stderr,
+        )
         return 1
     print(report.summary())
     return 0
@@ -66,6 +80,214 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- models, train, evaluate, predict
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return None if text is None else [int(v) for v in text.replace("x", ",").split(",") if v]
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from hipseg.models import describe_models, format_model_table
+
+    rows = describe_models(slice_shape=_ints(args.slice), roi_shape=_ints(args.roi), context=args.context)
+    print(json.dumps(rows, indent=2) if args.json else format_model_table(rows))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from hipseg.train import build_config, train
+
+    model_options = {
+        k: v
+        for k, v in {
+            "channels": _ints(args.channels),
+            "strides": _ints(args.strides),
+            "num_res_units": args.res_units,
+            "groups": args.groups,
+            "attention": args.attention or None,
+            "separable": args.separable or None,
+        }.items()
+        if v is not None
+    }
+    flags = {
+        name: getattr(args, name)
+        for name in (
+            "model",
+            "axis",
+            "context",
+            "loss",
+            "batch_size",
+            "steps",
+            "max_minutes",
+            "lr",
+            "weight_decay",
+            "schedule",
+            "warmup",
+            "val_fraction",
+            "val_every",
+            "checkpoint_every",
+            "log_every",
+            "foreground_fraction",
+            "num_workers",
+            "threads",
+            "seed",
+            "device",
+            "augment",
+            "amp",
+            "channels_last",
+            "compile",
+            "deterministic",
+        )
+    }
+    config = build_config(
+        args.store,
+        args.out,
+        config_file=args.config,
+        resume=args.resume,
+        model_options=model_options or None,
+        **flags,
+    )
+    result = train(config, resume=args.resume, progress=not args.quiet)
+    dice = ", ".join(f"{k} {v:.3f}" for k, v in result.best_dice.items())
+    print(
+        f"{result.run_dir}: {result.steps} steps in {result.elapsed_s / 60:.1f} min "
+        f"({result.steps_per_s:.2f} steps/s, {result.samples_per_s:.0f} samples/s); "
+        f"best validation Dice {result.best_mean_dice:.3f} ({dice}) at step {result.best_step}"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from hipseg.evaluate import evaluate
+
+    cases = args.cases if args.cases in (None, "val") else args.cases.split(",")
+    doc = evaluate(
+        args.run_dir,
+        args.data,
+        json_out=args.json,
+        report_dir=args.report,
+        ensemble=args.ensemble,
+        cases=cases,
+        which=args.which,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    for name, dice in doc["mean_dice"].items():
+        hd = doc["mean_hd95"][name]
+        hd_text = "n/a" if hd is None else f"{hd:.2f} mm"
+        print(f"{name:10s} mean Dice {dice:.3f}   mean HD95 {hd_text}")
+    print(
+        f"{doc['n_cases']} cases, overall mean Dice {doc['overall_mean_dice']:.3f}"
+        + (f"; written to {args.json}" if args.json else "")
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from hipseg.predict import predict
+
+    rows = predict(
+        args.run_dir,
+        args.inputs,
+        args.out,
+        ensemble=args.ensemble,
+        which=args.which,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    volume_keys = [k for k in rows[0] if k.endswith("_mm3") and k != "voxel_mm3"]
+    for row in rows:
+        print(
+            f"{row['case']}: "
+            + ", ".join(f"{k[:-4]} {row[k]:.0f} mm3" for k in volume_keys)
+            + ("" if row["located"] else " (hippocampus not found by the coarse pass)")
+        )
+    print(f"{len(rows)} label map(s) and volumes.csv written under {args.out}")
+    return 0
+
+
+def _add_model_commands(commands) -> None:
+    p = commands.add_parser("models", help="parameter counts and multiply-adds of each model")
+    p.add_argument("--slice", default="48x64", help="2D input HxW (default 48x64)")
+    p.add_argument("--roi", default="48x64x48", help="3D input XxYxZ (default 48x64x48)")
+    p.add_argument("--context", type=int, default=0, help="2.5D neighbours on each side")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_models)
+
+    p = commands.add_parser("train", help="train a segmentation model on a store")
+    p.add_argument("store", nargs="?", help="store from `hipseg convert` (optional with --resume)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--config", help="JSON or TOML file of settings (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--model", help="unet (default), attention-unet, separable-unet or unet3d")
+    p.add_argument("--axis", help="slice axis: axial (default), coronal or sagittal")
+    p.add_argument("--context", type=int, help="2.5D: neighbouring slices on each side as channels")
+    p.add_argument("--loss", help="dice_ce (default), dice or dice_focal")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--steps", type=int, help="train this many steps")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="stop after this many minutes (default 10 when --steps is not given)",
+    )
+    p.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", help="onecycle (default), cosine or constant")
+    p.add_argument("--warmup", type=float, help="warm-up fraction of the run (onecycle)")
+    p.add_argument("--val-fraction", type=float, help="share of cases held out (default 0.2)")
+    p.add_argument("--val-every", type=int, help="validate every N steps")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--foreground-fraction", type=float, help="share of slices holding hippocampus")
+    p.add_argument(
+        "--workers",
+        dest="num_workers",
+        type=int,
+        help="loader worker processes (default: 0 on <= 2 cores, else 2)",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const=False)
+    p.add_argument(
+        "--no-amp", dest="amp", action="store_const", const=False, help="no mixed precision on CUDA"
+    )
+    p.add_argument("--channels-last", action="store_const", const=True)
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument("--deterministic", action="store_const", const=True)
+    p.add_argument("--channels", help="model widths per level, e.g. 16,32,64,128")
+    p.add_argument("--strides", help="model strides between levels, e.g. 2,2,2")
+    p.add_argument("--res-units", type=int, help="residual units per level")
+    p.add_argument("--groups", type=int, help="GroupNorm groups")
+    p.add_argument("--attention", action="store_true", help="attention gates")
+    p.add_argument("--separable", action="store_true", help="depthwise-separable convolutions")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_train)
+
+    p = commands.add_parser("evaluate", help="Dice and HD95 per case in the original grids")
+    p.add_argument("run_dir")
+    p.add_argument("data", help="Decathlon task folder or folder with images/ and labels/")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--report", help="folder for evaluation.md and overlays (default: by --json)")
+    p.add_argument("--ensemble", nargs="*", default=[], help="more run folders to average with")
+    p.add_argument("--cases", help="'val' (the run's held-out cases) or comma-separated case ids")
+    p.add_argument("--which", default="best", choices=["best", "last"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_evaluate)
+
+    p = commands.add_parser("predict", help="label maps and hippocampal volumes for NIfTI files")
+    p.add_argument("run_dir")
+    p.add_argument("inputs", help="a NIfTI file or a folder of them")
+    p.add_argument("out", help="output folder (or a .nii.gz path for a single input)")
+    p.add_argument("--ensemble", nargs="*", default=[], help="more run folders to average with")
+    p.add_argument("--which", default="best", choices=["best", "last"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hipseg", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=24)
     p.add_argument("--steps", type=int, default=300)
     p.set_defaults(run=_cmd_demo)
+
+    _add_model_commands(commands)
     return parser
 
 

@@ -29,7 +29,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from hipseg import __version__, store
-from hipseg.errors import ConfigError, InputError, SkippedCasesError, StoreError, StoreExistsError
+from hipseg.errors import ConfigError, InputError, SkippedCasesError, StoreExistsError
 from hipseg.nifti import case_id_from_path, is_nifti_name, load_case
 from hipseg.preprocess import crop, derive_roi_shape, label_bbox, normalise_intensity, roi_offset
 
@@ -58,8 +58,10 @@ class ConvertReport:
     up_to_date: bool = False
 
     def summary(self) -> str:
-        lines = [f"{self.path}: {self.n_volumes} volumes, ROI {'x'.join(map(str, self.roi_shape))}"
-                 + (" (already up to date)" if self.up_to_date else f", {self.seconds:.1f} s")]
+        lines = [
+            f"{self.path}: {self.n_volumes} volumes, ROI {'x'.join(map(str, self.roi_shape))}"
+            + (" (already up to date)" if self.up_to_date else f", {self.seconds:.1f} s")
+        ]
         if self.resumed_blocks:
             lines.append(f"resumed: {self.resumed_blocks} shard(s) were already done")
         for s in self.skipped:
@@ -68,6 +70,7 @@ class ConvertReport:
 
 
 # ---------------------------------------------------------------- discovery
+
 
 def _inside(root: Path, relative: str) -> Path | None:
     path = (root / relative).resolve()
@@ -98,16 +101,23 @@ def discover_decathlon(root: Path) -> tuple[list[CaseSource], list[dict], tuple[
 
 def discover_folders(root: Path) -> tuple[list[CaseSource], list[dict], tuple[str, ...]]:
     """images/ + labels/ paired by file name."""
+
     def by_id(folder: Path) -> dict[str, Path]:
         return {case_id_from_path(p): p for p in sorted(folder.iterdir()) if is_nifti_name(p)}
 
     images, labels = by_id(root / "images"), by_id(root / "labels")
-    sources = [CaseSource(c, str(images.get(c)) if c in images else None,
-                          str(labels.get(c)) if c in labels else None)
-               for c in sorted(set(images) | set(labels))]
-    strays = [{"case": p.name, "reason": f"{p}: not a NIfTI file (expected .nii or .nii.gz)"}
-              for folder in ("images", "labels") for p in sorted((root / folder).iterdir())
-              if p.is_file() and not p.name.startswith(".") and not is_nifti_name(p)]
+    sources = [
+        CaseSource(
+            c, str(images.get(c)) if c in images else None, str(labels.get(c)) if c in labels else None
+        )
+        for c in sorted(set(images) | set(labels))
+    ]
+    strays = [
+        {"case": p.name, "reason": f"{p}: not a NIfTI file (expected .nii or .nii.gz)"}
+        for folder in ("images", "labels")
+        for p in sorted((root / folder).iterdir())
+        if p.is_file() and not p.name.startswith(".") and not is_nifti_name(p)
+    ]
     return sources, strays, store.CLASS_NAMES
 
 
@@ -119,11 +129,15 @@ def discover(src: str | Path) -> tuple[list[CaseSource], list[dict], tuple[str, 
         return discover_folders(root)
     if not root.exists():
         raise InputError(root, "no such folder")
-    raise InputError(root, "expected a Decathlon task folder (dataset.json, imagesTr/, labelsTr/) "
-                           "or a folder with images/ and labels/")
+    raise InputError(
+        root,
+        "expected a Decathlon task folder (dataset.json, imagesTr/, labelsTr/) "
+        "or a folder with images/ and labels/",
+    )
 
 
 # ---------------------------------------------------------------- per-case work (runs on workers)
+
 
 def scan_case(source: CaseSource, n_classes: int) -> dict:
     """Pass 1: validate a case and return its canonical shape and label bounding box."""
@@ -138,12 +152,17 @@ def scan_case(source: CaseSource, n_classes: int) -> dict:
     box = label_bbox(case.label)
     if box is None:
         return {"case": source.case_id, "reason": f"{source.label}: label has no hippocampus voxels"}
-    return {"case": source.case_id, "shape": list(case.image.shape),
-            "start": box[0].tolist(), "stop": box[1].tolist()}
+    return {
+        "case": source.case_id,
+        "shape": list(case.image.shape),
+        "start": box[0].tolist(),
+        "stop": box[1].tolist(),
+    }
 
 
-def convert_block(work: str, start: int, entries: Sequence[dict], roi_shape: Sequence[int],
-                  class_names: Sequence[str]) -> int:
+def convert_block(
+    work: str, start: int, entries: Sequence[dict], roi_shape: Sequence[int], class_names: Sequence[str]
+) -> int:
     """Pass 2: crop and write one shard, then record it as done (the record is the commit)."""
     images = np.zeros((len(entries), *roi_shape), dtype=store.IMAGE_DTYPE)
     labels = np.zeros((len(entries), *roi_shape), dtype=store.LABEL_DTYPE)
@@ -154,16 +173,26 @@ def convert_block(work: str, start: int, entries: Sequence[dict], roi_shape: Seq
         offset = np.asarray(entry["offset"])
         images[i] = crop(normalised, offset, roi_shape)
         labels[i] = crop(case.label, offset, roi_shape)
-        counts.append({axis: c.tolist() for axis, c in store.slice_counts(labels[i], len(class_names)).items()})
-        volumes.append({
-            "case_id": case.case_id, "image_path": case.image_path, "label_path": case.label_path,
-            "original_shape": list(case.original_shape), "canonical_shape": list(case.image.shape),
-            "affine": case.affine.tolist(), "spacing": list(case.spacing), "axcodes": list(case.axcodes),
-            "source_dtype": case.source_dtype, "crop_offset": offset.tolist(),
-            "normalisation": {"low": lo, "high": hi},
-            "class_voxels": np.bincount(case.label.ravel(), minlength=len(class_names)).tolist(),
-            "sha256": {"image": case.image_sha256, "label": case.label_sha256},
-        })
+        counts.append(
+            {axis: c.tolist() for axis, c in store.slice_counts(labels[i], len(class_names)).items()}
+        )
+        volumes.append(
+            {
+                "case_id": case.case_id,
+                "image_path": case.image_path,
+                "label_path": case.label_path,
+                "original_shape": list(case.original_shape),
+                "canonical_shape": list(case.image.shape),
+                "affine": case.affine.tolist(),
+                "spacing": list(case.spacing),
+                "axcodes": list(case.axcodes),
+                "source_dtype": case.source_dtype,
+                "crop_offset": offset.tolist(),
+                "normalisation": {"low": lo, "high": hi},
+                "class_voxels": np.bincount(case.label.ravel(), minlength=len(class_names)).tolist(),
+                "sha256": {"image": case.image_sha256, "label": case.label_sha256},
+            }
+        )
     group = zarr.open_group(str(Path(work) / STORE), mode="r+")
     store.write_block(group, start, images, labels)
     _write_json_atomic(Path(work) / BLOCKS / f"{start:08d}.json", {"volumes": volumes, "counts": counts})
@@ -176,6 +205,7 @@ def _convert_block_args(args: tuple) -> int:
 
 # ---------------------------------------------------------------- helpers
 
+
 def _write_json_atomic(path: Path, data: object) -> None:
     temporary = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(temporary, "w") as handle:
@@ -186,12 +216,14 @@ def _write_json_atomic(path: Path, data: object) -> None:
 
 
 def _fingerprint(sources: Sequence[CaseSource], options: dict) -> str:
-    """Identity of a conversion: its inputs (path, size, mtime) and options, for resume and up-to-date checks."""
+    """Identity of a conversion: inputs (path, size, mtime) and options, for resume and reruns."""
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for s in sources:
         for path in (s.image, s.label):
             stat = os.stat(path) if path and os.path.exists(path) else None
-            digest.update(f"{path}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}\n".encode())
+            digest.update(
+                f"{path}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}\n".encode()
+            )
     return digest.hexdigest()
 
 
@@ -220,8 +252,9 @@ class _Runner:
 
             # Processes with one thread each: NIfTI decoding and numpy work then run truly in
             # parallel, and peak memory is bounded by workers x one volume.
-            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None)
+            self.cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            )
             self.client = Client(self.cluster)
 
     def map(self, function: Callable, items: Sequence, description: str, stop_early=None) -> Iterable:
@@ -258,12 +291,17 @@ class _Runner:
 
 # ---------------------------------------------------------------- the conversion
 
+
 def _plan(sources, class_names, roi, margin, runner, strict, fingerprint) -> dict:
     """Pass 1: validate every case, then fix the ROI shape, offsets and shard size."""
     n_classes = len(class_names)
     scans = {}
-    for result in runner.map(partial(scan_case, n_classes=n_classes), sources, "checking cases",
-                             stop_early=(lambda r: "reason" in r) if strict else None):
+    for result in runner.map(
+        partial(scan_case, n_classes=n_classes),
+        sources,
+        "checking cases",
+        stop_early=(lambda r: "reason" in r) if strict else None,
+    ):
         scans[result["case"]] = result
     skipped = [scans[s.case_id] for s in sources if "reason" in scans.get(s.case_id, {})]
     if strict and skipped:
@@ -274,15 +312,31 @@ def _plan(sources, class_names, roi, margin, runner, strict, fingerprint) -> dic
     entries = []
     for source, extent in zip(good, extents):
         if np.any(extent > np.asarray(roi_shape)):
-            skipped.append({"case": source.case_id, "reason": f"labelled region {tuple(int(e) for e in extent)} "
-                            f"does not fit the ROI {roi_shape}; give a larger --roi"})
+            skipped.append(
+                {
+                    "case": source.case_id,
+                    "reason": f"labelled region {tuple(int(e) for e in extent)} "
+                    f"does not fit the ROI {roi_shape}; give a larger --roi",
+                }
+            )
             continue
         scan = scans[source.case_id]
         offset = roi_offset(np.asarray(scan["start"]), np.asarray(scan["stop"]), roi_shape)
-        entries.append({"case_id": source.case_id, "image": source.image, "label": source.label,
-                        "offset": offset.tolist()})
-    return {"fingerprint": fingerprint, "roi_shape": list(roi_shape), "entries": entries,
-            "skipped": skipped, "class_names": list(class_names)}
+        entries.append(
+            {
+                "case_id": source.case_id,
+                "image": source.image,
+                "label": source.label,
+                "offset": offset.tolist(),
+            }
+        )
+    return {
+        "fingerprint": fingerprint,
+        "roi_shape": list(roi_shape),
+        "entries": entries,
+        "skipped": skipped,
+        "class_names": list(class_names),
+    }
 
 
 def _finalise(work: Path, plan: dict, shard: int, source: str) -> None:
@@ -296,13 +350,21 @@ def _finalise(work: Path, plan: dict, shard: int, source: str) -> None:
     group = zarr.open_group(str(work / STORE), mode="r+")
     store.write_slice_tables(group, {axis: store.build_slice_table(c) for axis, c in per_axis.items()})
     info = store.StoreInfo(
-        format_version=store.FORMAT_VERSION, class_names=tuple(plan["class_names"]),
-        roi_shape=tuple(plan["roi_shape"]), n_volumes=len(volumes),
-        normalisation=store.NORMALISATION, skipped=tuple(plan["skipped"]), source=source,
+        format_version=store.FORMAT_VERSION,
+        class_names=tuple(plan["class_names"]),
+        roi_shape=tuple(plan["roi_shape"]),
+        n_volumes=len(volumes),
+        normalisation=store.NORMALISATION,
+        skipped=tuple(plan["skipped"]),
+        source=source,
     )
     # Written last: a store whose attributes exist is complete.
-    group.attrs.update({"hipseg": {**info.to_dict(), "fingerprint": plan["fingerprint"],
-                                   "hipseg_version": __version__}, "volumes": volumes})
+    group.attrs.update(
+        {
+            "hipseg": {**info.to_dict(), "fingerprint": plan["fingerprint"], "hipseg_version": __version__},
+            "volumes": volumes,
+        }
+    )
 
 
 def _existing_fingerprint(path: Path) -> str | None:
@@ -359,21 +421,29 @@ def convert(
         raise InputError(src, "no cases found")
     if strict and skipped_early:
         raise InputError(skipped_early[0]["case"], skipped_early[0]["reason"])
-    options = {"roi": roi_shape, "margin": margin, "shard_volumes": shard_volumes,
-               "format": store.FORMAT_VERSION, "classes": class_names}
+    options = {
+        "roi": roi_shape,
+        "margin": margin,
+        "shard_volumes": shard_volumes,
+        "format": store.FORMAT_VERSION,
+        "classes": class_names,
+    }
     fingerprint = _fingerprint(sources, options)
 
     if dst.exists():
         if _existing_fingerprint(dst) == fingerprint:
             existing = store.open_store(dst)
             shutil.rmtree(work, ignore_errors=True)  # left over if a run died right after its rename
-            report = ConvertReport(dst, existing.n_volumes, existing.roi_shape, list(existing.info.skipped),
-                                   up_to_date=True)
+            report = ConvertReport(
+                dst, existing.n_volumes, existing.roi_shape, list(existing.info.skipped), up_to_date=True
+            )
             _raise_if_skipped(report, skip_bad)
             return report
         if not overwrite:
-            raise StoreExistsError(f"{dst}: already exists and was made from other inputs or options; "
-                                   "pass --overwrite to replace it or choose another destination")
+            raise StoreExistsError(
+                f"{dst}: already exists and was made from other inputs or options; "
+                "pass --overwrite to replace it or choose another destination"
+            )
 
     plan = None
     if (work / PLAN).exists():
@@ -400,7 +470,7 @@ def convert(
         starts = list(range(0, len(entries), shard))
         todo = [s for s in starts if not (work / BLOCKS / f"{s:08d}.json").exists()]
         roi_final, names = tuple(plan["roi_shape"]), plan["class_names"]
-        blocks = [(str(work), s, entries[s:s + shard], roi_final, names) for s in todo]
+        blocks = [(str(work), s, entries[s : s + shard], roi_final, names) for s in todo]
         for _ in runner.map(_convert_block_args, blocks, "converting shards"):
             pass
     finally:
@@ -413,8 +483,14 @@ def convert(
     os.replace(work / STORE, dst)
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-    report = ConvertReport(dst, len(entries), roi_final, list(plan["skipped"]),
-                           time.perf_counter() - started, resumed_blocks=len(starts) - len(todo))
+    report = ConvertReport(
+        dst,
+        len(entries),
+        roi_final,
+        list(plan["skipped"]),
+        time.perf_counter() - started,
+        resumed_blocks=len(starts) - len(todo),
+    )
     _raise_if_skipped(report, skip_bad)
     return report
 

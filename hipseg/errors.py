@@ -37,8 +37,9 @@ class SkippedCasesError(HipsegError, RuntimeError):
 
     def __init__(self, skipped: list[dict]) -> None:
         self.skipped = skipped
-        super().__init__(f"{len(skipped)} case(s) skipped: " + "; ".join(
-            f"{s['case']}: {s['reason']}" for s in skipped))
+        super().__init__(
+            f"{len(skipped)} case(s) skipped: " + "; ".join(f"{s['case']}: {s['reason']}" for s in skipped)
+        )
 
 
 class WorkerError(HipsegError, RuntimeError):

@@ -15,9 +15,7 @@ def normalise_intensity(image: np.ndarray) -> tuple[np.ndarray, float, float]:
     Percentiles rather than min/max because the real data mixes uint8 and float32
     scans and some have outlier intensities 1000x above the rest.
     """
-    lo, hi = np.percentile(
-        image, [NORMALISATION["low_percentile"], NORMALISATION["high_percentile"]]
-    )
+    lo, hi = np.percentile(image, [NORMALISATION["low_percentile"], NORMALISATION["high_percentile"]])
     return apply_normalisation(image, float(lo), float(hi)), float(lo), float(hi)
 
 

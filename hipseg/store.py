@@ -62,8 +62,9 @@ def default_codec() -> zarr.codecs.ZstdCodec:
     return zarr.codecs.ZstdCodec(level=3)
 
 
-def volumes_per_shard(roi_shape: Sequence[int], n_volumes: int, target_bytes: int = 4 << 20,
-                      most: int = 16) -> int:
+def volumes_per_shard(
+    roi_shape: Sequence[int], n_volumes: int, target_bytes: int = 4 << 20, most: int = 16
+) -> int:
     """How many volumes one shard (one file, one conversion task) holds.
 
     About 4 MiB of image crops and at most 16 volumes: few enough files for large
@@ -73,9 +74,7 @@ def volumes_per_shard(roi_shape: Sequence[int], n_volumes: int, target_bytes: in
     return int(max(1, min(n_volumes, most, target_bytes // max(crop_bytes, 1))))
 
 
-def create_arrays(
-    group: zarr.Group, n_volumes: int, roi_shape: Sequence[int], shard_volumes: int
-) -> None:
+def create_arrays(group: zarr.Group, n_volumes: int, roi_shape: Sequence[int], shard_volumes: int) -> None:
     """Create the image and label arrays of a new store (data is written block by block)."""
     roi = tuple(int(s) for s in roi_shape)
     for name, dtype in ((IMAGES, IMAGE_DTYPE), (LABELS, LABEL_DTYPE)):
@@ -103,9 +102,7 @@ def slice_counts(label_crop: np.ndarray, n_classes: int) -> dict[str, np.ndarray
     counts = {}
     for axis_number, axis in enumerate(AXIS_NAMES):
         moved = np.moveaxis(label_crop, axis_number, 0).reshape(label_crop.shape[axis_number], -1)
-        per_class = np.stack(
-            [(moved == c).sum(axis=1) for c in range(1, n_classes)], axis=1
-        ).astype(np.int32)
+        per_class = np.stack([(moved == c).sum(axis=1) for c in range(1, n_classes)], axis=1).astype(np.int32)
         counts[axis] = per_class
     return counts
 
@@ -125,8 +122,10 @@ def write_slice_tables(group: zarr.Group, tables: dict[str, np.ndarray]) -> None
     slices = group.require_group(SLICES)
     for axis, table in tables.items():
         slices.create_array(
-            axis, data=np.ascontiguousarray(table, dtype=np.int32),
-            chunks=(max(1, table.shape[0]), table.shape[1]), overwrite=True,
+            axis,
+            data=np.ascontiguousarray(table, dtype=np.int32),
+            chunks=(max(1, table.shape[0]), table.shape[1]),
+            overwrite=True,
         )
 
 
@@ -239,8 +238,10 @@ class HippocampusStore:
         return np.asarray(self.images[...]), np.asarray(self.labels[...])
 
     def __repr__(self) -> str:
-        return (f"HippocampusStore({str(self.path)!r}, volumes={self.n_volumes}, "
-                f"roi={self.roi_shape}, classes={list(self.class_names)})")
+        return (
+            f"HippocampusStore({str(self.path)!r}, volumes={self.n_volumes}, "
+            f"roi={self.roi_shape}, classes={list(self.class_names)})"
+        )
 
 
 def open_store(path: str | Path) -> HippocampusStore:

@@ -47,7 +47,9 @@ class SynthConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         codes = self.orientation.upper()
         if len(codes) != 3 or sorted(set(codes.translate(str.maketrans("LPI", "RAS")))) != ["A", "R", "S"]:
-            raise ConfigError(f"orientation must be 3 axis codes like 'RAS' or 'LPI', got {self.orientation!r}")
+            raise ConfigError(
+                f"orientation must be 3 axis codes like 'RAS' or 'LPI', got {self.orientation!r}"
+            )
         if not 0.0 <= self.off_centre <= 0.35:
             raise ConfigError(f"off_centre must be within 0..0.35, got {self.off_centre}")
 
@@ -65,8 +67,9 @@ class SynthConfig:
 
 PRESETS = {
     "crop": SynthConfig(),
-    "head": SynthConfig(shape=(182, 218, 182), dtype="int16", intensity_scale=1000.0,
-                        off_centre=0.2, orientation="LPS"),
+    "head": SynthConfig(
+        shape=(182, 218, 182), dtype="int16", intensity_scale=1000.0, off_centre=0.2, orientation="LPS"
+    ),
 }
 
 
@@ -84,8 +87,9 @@ def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], cell: int) -> 
     return fine[tuple(slice(0, s) for s in shape)]
 
 
-def _tube(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float],
-          centre: np.ndarray) -> np.ndarray:
+def _tube(
+    rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float], centre: np.ndarray
+) -> np.ndarray:
     """Label volume with a curved tube along axis 1 (posterior→anterior), split into two classes."""
     spacing = np.asarray(spacing, dtype=np.float64)
     length_mm = rng.uniform(28.0, 36.0)
@@ -94,14 +98,21 @@ def _tube(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[floa
     radius_mm = rng.uniform(3.2, 4.2)
     split = rng.uniform(0.4, 0.55)  # fraction of the length that is posterior
     t = np.linspace(0.0, 1.0, 64)
-    centreline = np.stack([
-        bend_mm * np.sin(np.pi * t),
-        length_mm * (t - 0.5),
-        lift_mm * (2.0 * t - 1.0) ** 2,
-    ], axis=1) / spacing + centre
+    centreline = (
+        np.stack(
+            [
+                bend_mm * np.sin(np.pi * t),
+                length_mm * (t - 0.5),
+                lift_mm * (2.0 * t - 1.0) ** 2,
+            ],
+            axis=1,
+        )
+        / spacing
+        + centre
+    )
     radius = radius_mm * (0.75 + 0.5 * t)  # the anterior head is thicker than the tail
 
-    reach = np.ceil((np.abs(centreline - centre).max(axis=0) + radius.max() / spacing.min() + 2)).astype(int)
+    reach = np.ceil(np.abs(centreline - centre).max(axis=0) + radius.max() / spacing.min() + 2).astype(int)
     lo = np.maximum(np.floor(centre).astype(int) - reach, 0)
     hi = np.minimum(np.ceil(centre).astype(int) + reach + 1, shape)
     grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1)

@@ -49,7 +49,7 @@ def test_synthetic_store_layout(synth_store):
         table = s.slice_table(axis)
         assert table.shape == (12 * info["roi_shape"][axis_number], 4)
         labels = group["labels"][...]
-        for volume, slice_index, anterior, posterior in table[:: 7]:
+        for volume, slice_index, anterior, posterior in table[::7]:
             plane = np.take(labels[volume], slice_index, axis=axis_number)
             assert (anterior, posterior) == ((plane == 1).sum(), (plane == 2).sum())
 
@@ -110,8 +110,11 @@ def test_messy_names_all_three_bad_cases(real_messy_dir, tmp_path):
 
 
 def test_cli_messy_exits_non_zero_naming_cases(real_messy_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "hipseg", "convert", str(real_messy_dir),
-                             str(tmp_path / "m.zarr"), "--quiet"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "hipseg", "convert", str(real_messy_dir), str(tmp_path / "m.zarr"), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     for case in ("hippocampus_010", "hippocampus_118", "hippocampus_281"):
         assert case in result.stdout + result.stderr
@@ -220,8 +223,11 @@ def test_existing_store_is_protected_and_rerun_is_idempotent(synth_dataset, synt
 
 
 def test_cli_error_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "hipseg.convert", str(tmp_path / "nowhere"),
-                             str(tmp_path / "o.zarr")], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "hipseg.convert", str(tmp_path / "nowhere"), str(tmp_path / "o.zarr")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "nowhere" in result.stderr
 
@@ -230,14 +236,17 @@ def test_cli_error_is_one_line(tmp_path):
 def test_kill_9_then_rerun_completes_identically(synth_dataset, synth_store, tmp_path, kill_after_blocks):
     """A real conversion process is killed with SIGKILL mid-way; the same command then finishes it."""
     dst = tmp_path / "killed.zarr"
-    command = [sys.executable, "-c",
-               "import sys, time, hipseg.convert as c\n"
-               "original = c.convert_block\n"
-               "def slow(*a, **k):\n"
-               "    time.sleep(0.3)\n"
-               "    return original(*a, **k)\n"
-               "c.convert_block = slow\n"
-               f"c.convert({str(synth_dataset)!r}, {str(dst)!r}, workers=1, progress=False, shard_volumes=1)\n"]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys, time, hipseg.convert as c\n"
+        "original = c.convert_block\n"
+        "def slow(*a, **k):\n"
+        "    time.sleep(0.3)\n"
+        "    return original(*a, **k)\n"
+        "c.convert_block = slow\n"
+        f"c.convert({str(synth_dataset)!r}, {str(dst)!r}, workers=1, progress=False, shard_volumes=1)\n",
+    ]
     process = subprocess.Popen(command)
     blocks = dst.with_name(dst.name + ".partial") / "blocks"
     deadline = time.monotonic() + 60

@@ -8,11 +8,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform, apply_orientation
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from hipseg.nifti import from_canonical, to_canonical
 from hipseg.preprocess import (
-    crop, derive_roi_shape, label_bbox, normalise_intensity, roi_offset, uncrop,
+    crop,
+    derive_roi_shape,
+    label_bbox,
+    normalise_intensity,
+    roi_offset,
+    uncrop,
 )
 
 shapes = st.tuples(*[st.integers(4, 20)] * 3)
@@ -72,8 +77,7 @@ def test_normalisation_is_robust_to_dtype_and_outliers(dtype, scale):
 
 
 ALL_AXCODES = [
-    "".join(p) for perm in itertools.permutations(["RL", "AP", "SI"])
-    for p in itertools.product(*perm)
+    "".join(p) for perm in itertools.permutations(["RL", "AP", "SI"]) for p in itertools.product(*perm)
 ]
 
 

@@ -55,8 +55,16 @@ def test_head_preset_is_a_full_head_with_an_off_centre_hippocampus():
     assert 0 < (label > 0).sum() < 0.01 * label.size
 
 
-@pytest.mark.parametrize("bad", [{"n_cases": 0}, {"shape": (8, 50, 35)}, {"dtype": "float64"},
-                                 {"orientation": "RRS"}, {"off_centre": 0.9}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"n_cases": 0},
+        {"shape": (8, 50, 35)},
+        {"dtype": "float64"},
+        {"orientation": "RRS"},
+        {"off_centre": 0.9},
+    ],
+)
 def test_bad_config_is_refused(bad):
     with pytest.raises(ConfigError):
         SynthConfig(**bad)

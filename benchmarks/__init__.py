@@ -1,0 +1,1 @@
+"""hipseg benchmarks (asv layout; run directly with `python benchmarks/run.py`)."""
