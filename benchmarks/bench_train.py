@@ -116,6 +116,14 @@ class Stepper:
 # ---------------------------------------------------------------- batch sources
 
 
+def train_flip() -> float:
+    """The flip probability hipseg.train uses, so the MONAI peers flip the same way."""
+    from hipseg.augment import AugmentConfig
+
+    d = train_defaults()
+    return AugmentConfig(**d.get("augment_options", {})).flip if d["augment"] else 0.0
+
+
 def hipseg_batches(
     store: Path, batch_size: int, workers: int, device: str
 ) -> tuple[Iterator[dict], Callable]:
@@ -180,7 +188,7 @@ def monai_nifti_transforms(
         T.ResizeWithPadOrCropd(keys, spatial_size=(*slice_shape, -1)),
     ]
     foreground = min(max(foreground_fraction, 1e-6), 1.0 - 1e-6)
-    _, augment = peers_monai.transforms()
+    _, augment = peers_monai.transforms(flip=train_flip())
     random = [
         T.RandCropByPosNegLabeld(
             keys,
@@ -253,7 +261,9 @@ def monai_cache_batches(
 
     # Built here rather than through peers_monai.monai_batches (a lazy generator), so that the
     # cache is filled and MONAI's set_determinism has run before reset_torch_flags.
-    loader = peers_monai.monai_loader(store, batch_size, workers, train_defaults()["axis"])
+    loader = peers_monai.monai_loader(
+        store, batch_size, workers, train_defaults()["axis"], flip=train_flip()
+    )
 
     def endless() -> Iterator[dict]:
         while True:

@@ -3,7 +3,7 @@
 Same store content as hipseg's loader (every slice of the chosen axis, already
 cropped and normalised), held in a ``CacheDataset`` (the deterministic part is
 cached, as MONAI recommends), then per sample the usual dictionary transforms:
-``RandFlipd`` on each in-plane axis, ``RandRotated`` (±10°) and ``Rand2DElasticd``
+``RandFlipd`` on the left-right axis (as hipseg flips), ``RandRotated`` (±10°) and ``Rand2DElasticd``
 with bilinear images and nearest labels, batched by MONAI's ``DataLoader`` with
 the same number of workers. Strengths match ``hipseg.augment.AugmentConfig()``'s
 defaults as closely as MONAI's parametrisation allows.
@@ -45,6 +45,7 @@ def slice_items(
 
 
 def transforms(
+    flip: float = 0.5,
     rotate_degrees: float = 10.0,
     elastic_spacing: float = 12.0,
     elastic_magnitude: tuple[float, float] = (1.0, 2.0),
@@ -54,8 +55,8 @@ def transforms(
 
     deterministic = [mt.EnsureTyped(keys=KEYS, dtype=(np.float32, np.int64))]
     random = [
-        mt.RandFlipd(keys=KEYS, prob=0.5, spatial_axis=0),
-        mt.RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),
+        # Left-right only, like hipseg.augment: axis 0 of axial and coronal slices is left-right.
+        mt.RandFlipd(keys=KEYS, prob=flip, spatial_axis=0),
         mt.RandRotated(
             keys=KEYS,
             range_x=math.radians(rotate_degrees),
@@ -82,6 +83,7 @@ def monai_loader(
     axis: str = "axial",
     cases: Sequence[str] | None = None,
     seed: int = 0,
+    flip: float = 0.5,
 ):
     """``CacheDataset`` + flips, rotation, elastic + ``DataLoader``, seeded."""
     from monai.data import CacheDataset, DataLoader
@@ -89,7 +91,7 @@ def monai_loader(
     from monai.utils import set_determinism
 
     set_determinism(seed=seed)
-    deterministic, random = transforms()
+    deterministic, random = transforms(flip=flip)
     dataset = CacheDataset(
         slice_items(store_path, axis, cases),
         Compose(deterministic + random),
