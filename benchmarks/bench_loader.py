@@ -411,34 +411,40 @@ class LoaderVsMonai:
 
 
 class LoaderOverhead:
-    """Compact U-Net steps/s with the real loader ÷ with prebuilt batches (target >= 0.97)."""
+    """Compact U-Net steps/s with the real loader ÷ with prebuilt batches (target >= 0.97).
+
+    For 0 workers (batches built in the training process, hipseg.train's default on a
+    machine of 2 cores or fewer), 1 and 2 worker processes.
+    """
 
     timeout = 900.0
+    params = [[0, 1, 2]]
+    param_names = ["workers"]
 
     def setup_cache(self) -> dict[str, str]:
         return _setup_cache()
 
     setup_cache.timeout = 1800.0  # type: ignore[attr-defined]
 
-    def _result(self, cache: dict) -> dict:
+    def _result(self, cache: dict, workers: int) -> dict:
         return c.measure_once(
             cache["run"],
-            f"loader-overhead-{c.device_name()}",
-            lambda: measure_training(Path(cache["store"])),
+            f"loader-overhead-{c.device_name()}-{workers}",
+            lambda: measure_training(Path(cache["store"]), workers),
         )
 
-    def track_overhead_ratio(self, cache: dict) -> float:
-        return self._result(cache)["overhead_ratio"]
+    def track_overhead_ratio(self, cache: dict, workers: int) -> float:
+        return self._result(cache, workers)["overhead_ratio"]
 
     track_overhead_ratio.unit = "ratio"  # type: ignore[attr-defined]
 
-    def track_steps_per_s_loader(self, cache: dict) -> float:
-        return self._result(cache)["steps_per_s_loader"]
+    def track_steps_per_s_loader(self, cache: dict, workers: int) -> float:
+        return self._result(cache, workers)["steps_per_s_loader"]
 
     track_steps_per_s_loader.unit = "steps/s"  # type: ignore[attr-defined]
 
-    def track_steps_per_s_prebuilt(self, cache: dict) -> float:
-        return self._result(cache)["steps_per_s_prebuilt"]
+    def track_steps_per_s_prebuilt(self, cache: dict, workers: int) -> float:
+        return self._result(cache, workers)["steps_per_s_prebuilt"]
 
     track_steps_per_s_prebuilt.unit = "steps/s"  # type: ignore[attr-defined]
 

@@ -22,7 +22,6 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +29,22 @@ import numpy as np
 
 from benchmarks import _common as c
 
-PIPELINES = ("hipseg", "prebuilt", "monai-nifti", "monai-nifti-cache", "monai-cache")
+# Side by side, every pipeline feeds single slices (context 0): the MONAI peers are the 2D
+# slice pipelines of the original report. "hipseg-2.5d" is hipseg.train's own default
+# (TrainConfig.context neighbouring slices on each side as channels), measured beside them.
+PIPELINES = (
+    "hipseg", "prebuilt", "monai-nifti", "monai-nifti-cache", "monai-cache", "hipseg-2.5d"
+)
 VARIANTS = ("default", "fp32", "amp", "channels_last", "amp+channels_last")
 GPU_WORKERS = (0, 1, 2, 4, 8, 12)
 PREBUILT_BATCHES = 8
 
 
 def train_defaults() -> dict[str, Any]:
-    """hipseg.train.TrainConfig's defaults (batch size, workers, model, loss, lr, amp, ...)."""
+    """hipseg.train.TrainConfig's defaults, resolved (batch size, workers, model, loss, lr, ...)."""
     from hipseg.train import TrainConfig
 
-    defaults = {}
-    for f in fields(TrainConfig):
-        if f.default is not MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not MISSING:
-            defaults[f.name] = f.default_factory()
-    return defaults
+    return TrainConfig(store="-", out="-").to_dict()
 
 
 def variant_flags(variant: str, device: str) -> tuple[bool, bool]:
@@ -116,6 +114,19 @@ class Stepper:
 # ---------------------------------------------------------------- batch sources
 
 
+# The MONAI peers run with two loader workers: their transforms are CPU-heavy Python, and
+# fewer workers only slow them down, so this is their best case on 2 cores.
+MONAI_WORKERS = 2
+
+
+def train_workers() -> int:
+    """Loader workers hipseg.train uses here (TrainConfig.num_workers, else its machine default)."""
+    from hipseg.train import default_workers
+
+    configured = train_defaults()["num_workers"]
+    return default_workers() if configured is None else int(configured)
+
+
 def train_flip() -> float:
     """The flip probability hipseg.train uses, so the MONAI peers flip the same way."""
     from hipseg.augment import AugmentConfig
@@ -125,7 +136,7 @@ def train_flip() -> float:
 
 
 def hipseg_batches(
-    store: Path, batch_size: int, workers: int, device: str
+    store: Path, batch_size: int, workers: int, device: str, context: int = 0
 ) -> tuple[Iterator[dict], Callable]:
     """hipseg.loader.SliceLoader with hipseg.train's arguments (infinite, seeded, augmented)."""
     from hipseg.augment import AugmentConfig
@@ -136,7 +147,7 @@ def hipseg_batches(
     kwargs = dict(
         batch_size=batch_size,
         axis=d["axis"],
-        context=d["context"],
+        context=context,
         augment=AugmentConfig(**d.get("augment_options", {})) if d["augment"] else False,
         num_workers=workers,
         seed=0,
@@ -282,7 +293,8 @@ def measure_training(pipeline: str, variant: str, device: str, workers: int | No
     scale = c.scale()
     d = train_defaults()
     batch_size = int(d["batch_size"])
-    workers = int(d["num_workers"]) if workers is None else int(workers)
+    if workers is None:
+        workers = train_workers() if pipeline.startswith(("hipseg", "prebuilt")) else MONAI_WORKERS
     label, source = c.training_source()
     store_path = c.converted_store(source)
     store = open_store(store_path)
@@ -291,8 +303,9 @@ def measure_training(pipeline: str, variant: str, device: str, workers: int | No
 
     with c.PeakTreeMemory() as memory:
         started = time.perf_counter()
-        if pipeline == "hipseg":
-            batches, close = hipseg_batches(store_path, batch_size, workers, device)
+        context = int(d["context"]) if pipeline == "hipseg-2.5d" else 0
+        if pipeline in ("hipseg", "hipseg-2.5d"):
+            batches, close = hipseg_batches(store_path, batch_size, workers, device, context)
         elif pipeline == "prebuilt":
             batches, close = prebuilt_batches(store_path, batch_size, workers, device)
         elif pipeline in ("monai-nifti", "monai-nifti-cache"):
@@ -309,9 +322,7 @@ def measure_training(pipeline: str, variant: str, device: str, workers: int | No
         else:
             raise ValueError(f"unknown pipeline {pipeline!r}; expected one of {PIPELINES}")
         reset_torch_flags()
-        stepper = Stepper(
-            2 * int(d["context"]) + 1, len(store.class_names), device, amp, channels_last
-        )
+        stepper = Stepper(2 * context + 1, len(store.class_names), device, amp, channels_last)
         try:
             first = next(batches)
             shape = tuple(first["image"].shape)

@@ -61,7 +61,8 @@ class TrainConfig:
     """Everything that decides a training run; validated when built.
 
     The defaults are the measured choice for 2 CPU cores and a 10-minute budget
-    (docs/training.md): the compact 2D U-Net on axial slices, batch 32, AdamW
+    (docs/training.md): the compact 2D U-Net on axial slices with one neighbouring
+    slice on each side as extra channels (2.5D), left-right flips, batch 32, AdamW
     with a one-cycle schedule (short warm-up, cosine decay), Dice + cross-entropy.
     """
 
@@ -70,7 +71,8 @@ class TrainConfig:
     model: str = "unet"
     model_options: dict[str, Any] = field(default_factory=dict)
     axis: str = "axial"
-    context: int = 0
+    # Neighbouring slices on each side as extra channels; None: 1 (2.5D) for 2D models, 0 for 3D.
+    context: int | None = None
     loss: str = "dice_ce"
     batch_size: int = 32
     steps: int | None = None
@@ -84,10 +86,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     augment: bool = True
-    # AugmentConfig fields. No flips by default: the loader flips both in-plane axes, and in
-    # axial slices one of them is anterior-posterior, which swaps where the two classes lie
-    # (docs/training.md, "Choosing the defaults", has the comparison on the real data).
-    augment_options: dict[str, Any] = field(default_factory=lambda: {"flip": 0.0})
+    # AugmentConfig fields; empty = its defaults (left-right flips, ±10° rotation, elastic).
+    augment_options: dict[str, Any] = field(default_factory=dict)
     foreground_fraction: float = 1.0 / 3.0
     num_workers: int | None = None  # None: default_workers() for this machine
     threads: int | None = None  # torch CPU threads; None keeps torch's default (one per core)
@@ -109,6 +109,8 @@ class TrainConfig:
             bad(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
         if self.axis not in AXIS_NAMES:
             bad(f"unknown axis {self.axis!r}; choose from {', '.join(AXIS_NAMES)}")
+        if self.context is None:  # frozen: resolve the default once, at construction
+            object.__setattr__(self, "context", 0 if spatial_dims(self.model) == 3 else 1)
         if self.context < 0 or (self.context and spatial_dims(self.model) == 3):
             bad(f"context must be >= 0, and 0 for the 3D model; got {self.context}")
         if self.schedule not in SCHEDULES:

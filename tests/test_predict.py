@@ -38,7 +38,7 @@ def threshold_model(threshold: float, dims: int = 2) -> nn.Module:
 
 
 def threshold_run(threshold: float, roi=(32, 64, 32), axis="axial") -> LoadedRun:
-    config = TrainConfig(store="unused", out="unused", steps=1, axis=axis)
+    config = TrainConfig(store="unused", out="unused", steps=1, axis=axis, context=0)
     meta = {"class_names": ["background", "anterior", "posterior"], "roi_shape": list(roi),
             "in_channels": 1, "spatial_dims": 2}
     return LoadedRun(threshold_model(threshold), config, meta, torch.device("cpu"))
