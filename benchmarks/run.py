@@ -268,7 +268,7 @@ def headline_rows(results: list[Result]) -> dict[str, list[tuple[str, float]]]:
     panels: dict[str, list[tuple[str, float]]] = {}
     for r in results:
         if r.headline and r.status == "ok" and r.value is not None:
-            label = " / ".join(str(v) for v in r.params.values()) or r.name.rsplit(".", 1)[-1]
+            label = ", ".join(f"{k}={v}" for k, v in r.params.items()) or r.name.rsplit(".", 1)[-1]
             panels.setdefault(r.headline, []).append((label, r.value))
     order = {title: i for i, title in enumerate(HEADLINE_PANELS)}
     return dict(sorted(panels.items(), key=lambda item: order.get(item[0], len(order))))

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
-import threading
 import uuid
 import warnings
 import weakref
@@ -99,52 +97,6 @@ class _Ring:
         state["_views"], state["_pid"] = None, -1
         state.pop("_finalizer", None)  # the creating process alone removes the file
         return state
-
-
-def _in_background(items: Iterator, depth: int) -> Iterator:
-    """Yield from ``items`` while a thread computes up to ``depth`` items ahead.
-
-    Worker processes compete with torch's compute threads on a machine of few cores;
-    a thread in the same process costs no copies, and since the batch kernels release
-    the GIL it fills the gaps of the training step (Python, optimizer) with batch work.
-    Errors are re-raised in the consumer, in order; closing the generator stops the thread.
-    """
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(entry: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((True, item)):
-                    return
-        except BaseException as error:  # handed to the consumer, which raises it
-            put((False, error))
-            return
-        put((False, None))
-
-    thread = threading.Thread(target=produce, name="hipseg-batches", daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = ready.get()
-            if ok:
-                yield item
-            elif item is None:
-                return
-            else:
-                raise item
-    finally:
-        stop.set()
-        thread.join(timeout=10.0)
 
 
 class _BatchSource(torch.utils.data.Dataset):
@@ -223,10 +175,6 @@ class SliceLoader:
         Seconds to wait for one batch before raising ``WorkerError``.
     kernel_threads : int
         Numba threads per worker for the batch kernel (1 = the serial kernel).
-    prefetch_thread : bool
-        With ``num_workers=0``, build the next ``prefetch`` batches in a background
-        thread of the calling process (the kernels release the GIL), so that batch
-        building overlaps the training step instead of adding to it.
     """
 
     def __init__(
@@ -251,7 +199,6 @@ class SliceLoader:
         timeout: float = 300.0,
         kernel_threads: int = 1,
         sampler_config: SamplerConfig | None = None,
-        prefetch_thread: bool = True,
     ) -> None:
         if num_workers < 0 or prefetch < 1 or kernel_threads < 1 or timeout <= 0:
             raise ConfigError(
@@ -275,7 +222,6 @@ class SliceLoader:
         )
         self._sampler = self.dataset.sampler(batch_size, mode, start_batch)
         self.batch_size, self.mode, self.num_workers = int(batch_size), mode, int(num_workers)
-        self.prefetch, self.prefetch_thread = int(prefetch), bool(prefetch_thread)
         self.epoch = 0
         self._pass_start = int(start_batch)
         self._position = int(start_batch)
@@ -339,8 +285,6 @@ class SliceLoader:
         else:
             self._pass_start = self._position
         batches = iter(self._loader)
-        if not self.num_workers and self.prefetch_thread:
-            batches = _in_background(batches, self.prefetch)
         if self.mode == "epoch":
             self._pass_start = 0  # start_batch applies to the first pass only
         while True:

@@ -152,7 +152,10 @@ def test_headlines_and_chart(tmp_path):
     results.append(run.Result("x.Y.track_z", "track", {}, status="skipped"))
     rows = run.headline_rows(results)
     assert rows == {
-        run.HEADLINE_PANELS[0]: [("hipseg / default", 20.0), ("monai-nifti / default", 0.5)]
+        run.HEADLINE_PANELS[0]: [
+            ("pipeline=hipseg, variant=default", 20.0),
+            ("pipeline=monai-nifti, variant=default", 0.5),
+        ]
     }
     png = tmp_path / "chart.png"
     assert run.plot_headlines(results, png, "test")

@@ -76,16 +76,6 @@ def test_workers_give_the_in_process_stream(synth_store, start_method):
     assert all(_same(a, b) for a, b in zip(reference, batches, strict=True))
 
 
-def test_background_thread_gives_the_same_stream_and_continues_after_a_pass(synth_store):
-    plain = SliceLoader(synth_store, batch_size=8, num_workers=0, seed=5, prefetch_thread=False)
-    threaded = SliceLoader(synth_store, batch_size=8, num_workers=0, seed=5, prefetch=3)
-    reference = _take(plain, 6)
-    first = _take(threaded, 2)  # the thread has built batches beyond these two; they are dropped
-    rest = _take(threaded, 4)  # ...so a new pass continues at batch 2, not after the prefetched ones
-    assert threaded.position == 6
-    assert all(_same(a, b) for a, b in zip(reference, first + rest, strict=True))
-
-
 def test_start_batch_resumes_the_stream_and_iteration_continues(synth_store):
     with SliceLoader(
         synth_store, batch_size=4, num_workers=1, seed=9, start_method="fork"
@@ -184,14 +174,6 @@ def test_failing_worker_raises_in_main_with_its_cause(synth_store, tmp_path, cac
         _take(loader, 2)
     assert info.value.__cause__ is not None and str(bad) in str(info.value)
     loader.close()
-
-
-def test_failure_in_the_background_thread_raises_with_its_cause(synth_store, tmp_path):
-    bad = _corrupt_copy(synth_store, tmp_path)
-    loader = SliceLoader(bad, batch_size=4, num_workers=0, cache="stream")
-    with pytest.raises(WorkerError, match="checksum") as info:
-        _take(loader, 2)
-    assert info.value.__cause__ is not None
 
 
 def test_killed_worker_raises_instead_of_hanging(synth_store):
