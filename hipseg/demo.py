@@ -53,5 +53,7 @@ def run_demo(out: Path, steps: int = 300, cases: int = 24, progress: bool = True
     rows = predict(out / "run", heads / "imagesTr", out / "predictions" / "heads", progress=progress)
     rows += predict(out / "run", data / "imagesTr", out / "predictions" / "crops", progress=progress)
     print(f"  {len(rows)} label maps with hippocampal volumes in predictions/*/volumes.csv")
+    print("  (the demo model has only seen ROI crops: on the full head it shows the sliding-window\n"
+          "   geometry, not an accurate segmentation; train on full-head data for that)")
     print(f"done: see {out / 'report'} for the evaluation report and {out / 'run' / 'curve.png'}")
     return {"steps_per_s": result.steps_per_s, "mean_dice": evaluation["mean_dice"]}
