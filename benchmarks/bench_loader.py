@@ -205,14 +205,9 @@ def measure_monai(store: Path, workers: int) -> dict[str, float]:
 
 
 def _model(in_channels: int):
-    try:
-        from hipseg.models import build_model
-    except ImportError:  # TODO: hipseg.models.build_model("unet", ...) is the intended model
-        from monai.networks.nets import UNet
+    """The compact U-Net hipseg.train builds by default."""
+    from hipseg.models import build_model
 
-        return UNet(
-            2, in_channels, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2
-        )
     return build_model("unet", in_channels=in_channels, out_channels=3)
 
 
