@@ -270,22 +270,24 @@ def _add_model_commands(commands) -> None:
     p.add_argument("data", help="Decathlon task folder or folder with images/ and labels/")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--report", help="folder for evaluation.md and overlays (default: by --json)")
-    p.add_argument("--ensemble", nargs="*", default=[], help="more run folders to average with")
     p.add_argument("--cases", help="'val' (the run's held-out cases) or comma-separated case ids")
-    p.add_argument("--which", default="best", choices=["best", "last"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true")
+    _add_inference_options(p)
     p.set_defaults(run=_cmd_evaluate)
 
     p = commands.add_parser("predict", help="label maps and hippocampal volumes for NIfTI files")
     p.add_argument("run_dir")
     p.add_argument("inputs", help="a NIfTI file or a folder of them")
     p.add_argument("out", help="output folder (or a .nii.gz path for a single input)")
+    _add_inference_options(p)
+    p.set_defaults(run=_cmd_predict)
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by evaluate and predict: which weights, ensemble, device."""
     p.add_argument("--ensemble", nargs="*", default=[], help="more run folders to average with")
     p.add_argument("--which", default="best", choices=["best", "last"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=_cmd_predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
