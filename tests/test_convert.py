@@ -273,3 +273,16 @@ def test_runs_on_an_existing_dask_cluster(synth_dataset, synth_store, tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         convert(synth_dataset, tmp_path / "cluster.zarr", scheduler=cluster.scheduler_address, progress=False)
     assert_same_content(synth_store, tmp_path / "cluster.zarr")
+
+
+def test_parallel_conversion_from_a_plain_script(synth_dataset, synth_store, tmp_path):
+    """A user's script without an `if __name__ == "__main__"` guard can still use workers."""
+    script = tmp_path / "convert_script.py"
+    out = tmp_path / "script.zarr"
+    script.write_text(
+        "from hipseg.convert import convert\n"
+        f"convert({str(synth_dataset)!r}, {str(out)!r}, workers=2, progress=False)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_content(synth_store, out)
