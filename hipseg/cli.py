@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="destination store, e.g. out.zarr")
     p.add_argument("--roi", help="fixed ROI shape XxYxZ (default: derived from the labels)")
     p.add_argument("--margin", type=int, default=4, help="voxels around each label box (default 4)")
-    p.add_argument("--workers", type=int, default=None, help="local Dask worker processes")
+    p.add_argument(
+        "--workers", type=int, default=None, help="local Dask workers (threads; default: cores, at most 4)"
+    )
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
     p.add_argument("--skip-bad", action="store_true", help="exit 0 even when bad cases were skipped")
     p.add_argument("--strict", action="store_true", help="stop at the first bad case")

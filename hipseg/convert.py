@@ -401,8 +401,8 @@ def convert(
     margin
         Voxels added around each label's bounding box when deriving the ROI.
     workers, scheduler
-        Local Dask worker processes (default: all cores, at most 4), or the address of an existing
-        dask.distributed scheduler.
+        Local Dask workers, threads of one in-process cluster (default: all cores, at most 4;
+        1 runs without Dask), or the address of an existing dask.distributed scheduler.
     skip_bad, strict
         Bad cases are always skipped and listed; without ``skip_bad`` the conversion raises
         :class:`SkippedCasesError` at the end when any was skipped; ``strict`` stops at the first.
