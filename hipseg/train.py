@@ -430,23 +430,27 @@ def _volume_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig,
                     start: int) -> Iterator[dict]:
     """Batches of whole ROI crops for the 3D model; batch k is a pure function of (seed, k).
 
-    Augmentation is a left-right flip (the hippocampus is mirrored between
-    hemispheres; anterior/posterior must not be flipped) and a random intensity
-    scale and shift.
+    Augmentation follows ``config.augment_options`` (an AugmentConfig) where it applies
+    to whole crops: the left-right flip (array axis 0 of a RAS crop; anterior/posterior
+    are never flipped) and, only when asked for, intensity scale and shift. Rotation and
+    elastic deformation are 2D kernels and are not applied to the 3D model's crops.
     """
+    from hipseg.augment import AugmentConfig
+
+    augment = AugmentConfig(**config.augment_options) if config.augment else AugmentConfig.none()
     step = start
     while True:
         rng = np.random.default_rng([config.seed, 3, step])
         pick = rng.integers(0, images.shape[0], config.batch_size)
         image = images[pick].astype(np.float32)
         label = labels[pick].astype(np.int64)
-        if config.augment:
-            flip = rng.random(config.batch_size) < 0.5
-            image[flip] = image[flip][:, ::-1]
-            label[flip] = label[flip][:, ::-1]
-            scale = rng.uniform(0.9, 1.1, (config.batch_size, 1, 1, 1)).astype(np.float32)
-            shift = rng.uniform(-0.1, 0.1, (config.batch_size, 1, 1, 1)).astype(np.float32)
-            image = image * scale + shift
+        flip = rng.random(config.batch_size) < augment.flip
+        image[flip] = image[flip][:, ::-1]
+        label[flip] = label[flip][:, ::-1]
+        shape = (config.batch_size, 1, 1, 1)
+        scale = 1.0 + rng.uniform(-augment.intensity_scale, augment.intensity_scale, shape)
+        shift = rng.uniform(-augment.intensity_shift, augment.intensity_shift, shape)
+        image = image * scale.astype(np.float32) + shift.astype(np.float32)
         yield {"image": torch.from_numpy(np.ascontiguousarray(image[:, None])),
                "label": torch.from_numpy(np.ascontiguousarray(label[:, None]))}
         step += 1

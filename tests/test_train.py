@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 import hipseg.train as train_module
 from hipseg.errors import ConfigError, StoreError
+from hipseg.store import open_store
 from hipseg.train import (
     TrainConfig,
     build_config,
@@ -281,3 +283,25 @@ def test_kill_9_then_resume_ends_where_an_uninterrupted_run_ends(synth_store, tm
         return [(r["kind"], r["step"], r.get("loss"), r.get("mean_dice")) for r in rows]
 
     assert logged(interrupted) == logged(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_3d_batches_are_crops_or_their_left_right_mirror_and_keep_intensities(synth_store, tmp_path,
+                                                                              augment):
+    """No intensity change unless asked for, and only the left-right axis is ever flipped."""
+    from hipseg.train import _volume_batches
+
+    images, labels = open_store(synth_store).read_all()
+    images = images.astype(np.float32)
+    config = tiny_config(synth_store, tmp_path / "r", model="unet3d", augment=augment)
+    flipped = 0
+    for batch in itertools.islice(_volume_batches(images, labels, config, 0), 4):
+        for image, label in zip(batch["image"][:, 0].numpy(), batch["label"][:, 0].numpy()):
+            match = [i for i in range(len(images)) if np.array_equal(image, images[i])
+                     or np.array_equal(image, images[i][::-1])]
+            assert match, "a crop was changed beyond a left-right flip"
+            i = match[0]
+            is_flipped = not np.array_equal(image, images[i])
+            np.testing.assert_array_equal(label, labels[i][::-1] if is_flipped else labels[i])
+            flipped += is_flipped
+    assert (flipped > 0) == augment
