@@ -248,7 +248,7 @@ def folder_bytes(path: Path) -> int:
 
 def decathlon_pairs(source: Path) -> list[dict[str, str]]:
     """[{"image": path, "label": path}] of a task folder, as MONAI pipelines take them."""
-    from hipseg.convert import discover
+    from hipseg.discovery import discover
 
     sources, _, _ = discover(source)
     return [{"image": s.image, "label": s.label} for s in sources if s.image and s.label]

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,22 +28,14 @@ import zarr
 from tqdm.auto import tqdm
 
 from hipseg import __version__, store
+from hipseg.discovery import CaseSource, discover
 from hipseg.errors import ConfigError, InputError, SkippedCasesError, StoreExistsError
-from hipseg.nifti import case_id_from_path, is_nifti_name, load_case
+from hipseg.nifti import load_case
 from hipseg.preprocess import crop, derive_roi_shape, label_bbox, normalise_intensity, roi_offset
 
 PLAN = "plan.json"
 BLOCKS = "blocks"
 STORE = "store.zarr"
-
-
-@dataclass(frozen=True)
-class CaseSource:
-    """Where one case's files are; either may be missing (that case is then skipped)."""
-
-    case_id: str
-    image: str | None
-    label: str | None
 
 
 @dataclass
@@ -70,70 +61,6 @@ class ConvertReport:
 
 
 # ---------------------------------------------------------------- discovery
-
-
-def _inside(root: Path, relative: str) -> Path | None:
-    path = (root / relative).resolve()
-    return path if path.is_relative_to(root.resolve()) else None
-
-
-def discover_decathlon(root: Path) -> tuple[list[CaseSource], list[dict], tuple[str, ...]]:
-    """Cases listed in dataset.json's "training"; entries pointing outside the folder are skipped."""
-    manifest_path = root / "dataset.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(manifest_path, f"cannot read dataset.json ({error})") from error
-    labels = manifest.get("labels") or {"0": "background", "1": "anterior", "2": "posterior"}
-    class_names = tuple(str(labels[k]).lower() for k in sorted(labels, key=int))
-    sources, skipped = [], []
-    for entry in manifest.get("training", []):
-        image_rel, label_rel = entry.get("image", ""), entry.get("label", "")
-        case_id = case_id_from_path(image_rel or label_rel)
-        image, label = _inside(root, image_rel), _inside(root, label_rel)
-        if image is None or label is None:
-            bad = image_rel if image is None else label_rel
-            skipped.append({"case": case_id, "reason": f"dataset.json entry {bad!r} points outside {root}"})
-            continue
-        sources.append(CaseSource(case_id, str(image), str(label)))
-    return sources, skipped, class_names
-
-
-def discover_folders(root: Path) -> tuple[list[CaseSource], list[dict], tuple[str, ...]]:
-    """images/ + labels/ paired by file name."""
-
-    def by_id(folder: Path) -> dict[str, Path]:
-        return {case_id_from_path(p): p for p in sorted(folder.iterdir()) if is_nifti_name(p)}
-
-    images, labels = by_id(root / "images"), by_id(root / "labels")
-    sources = [
-        CaseSource(
-            c, str(images.get(c)) if c in images else None, str(labels.get(c)) if c in labels else None
-        )
-        for c in sorted(set(images) | set(labels))
-    ]
-    strays = [
-        {"case": p.name, "reason": f"{p}: not a NIfTI file (expected .nii or .nii.gz)"}
-        for folder in ("images", "labels")
-        for p in sorted((root / folder).iterdir())
-        if p.is_file() and not p.name.startswith(".") and not is_nifti_name(p)
-    ]
-    return sources, strays, store.CLASS_NAMES
-
-
-def discover(src: str | Path) -> tuple[list[CaseSource], list[dict], tuple[str, ...]]:
-    root = Path(src)
-    if (root / "dataset.json").is_file():
-        return discover_decathlon(root)
-    if (root / "images").is_dir() and (root / "labels").is_dir():
-        return discover_folders(root)
-    if not root.exists():
-        raise InputError(root, "no such folder")
-    raise InputError(
-        root,
-        "expected a Decathlon task folder (dataset.json, imagesTr/, labelsTr/) "
-        "or a folder with images/ and labels/",
-    )
 
 
 # ---------------------------------------------------------------- per-case work (runs on workers)
@@ -503,8 +430,3 @@ def _raise_if_skipped(report: ConvertReport, skip_bad: bool) -> None:
         error.report = report  # type: ignore[attr-defined]
         raise error
 
-
-if __name__ == "__main__":
-    from hipseg.cli import main
-
-    sys.exit(main(["convert", *sys.argv[1:]]))

@@ -224,7 +224,7 @@ def test_existing_store_is_protected_and_rerun_is_idempotent(synth_dataset, synt
 
 def test_cli_error_is_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "hipseg.convert", str(tmp_path / "nowhere"), str(tmp_path / "o.zarr")],
+        [sys.executable, "-m", "hipseg", "convert", str(tmp_path / "nowhere"), str(tmp_path / "o.zarr")],
         capture_output=True,
         text=True,
     )

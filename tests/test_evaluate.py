@@ -10,8 +10,9 @@ import pytest
 import hipseg.evaluate as evaluate_module
 from hipseg.convert import convert
 from hipseg.errors import ConfigError, InputError
-from hipseg.evaluate import edge_middle_dice, evaluate, hd95_per_class
-from hipseg.predict import Segmentation
+from hipseg.evaluate import evaluate
+from hipseg.inference import Segmentation
+from hipseg.metrics import edge_middle_dice, hd95_per_class
 from hipseg.synth import SynthConfig, make_dataset
 
 

@@ -13,16 +13,10 @@ from torch import nn
 
 import hipseg.predict as predict_module
 from hipseg.cli import main
+from hipseg.discovery import list_inputs
 from hipseg.errors import InputError
-from hipseg.predict import (
-    Segmentation,
-    list_inputs,
-    locate,
-    predict,
-    segment,
-    slice_stack,
-    volume_probabilities,
-)
+from hipseg.inference import Segmentation, locate, segment, slice_stack, volume_probabilities
+from hipseg.predict import predict
 from hipseg.preprocess import label_bbox, normalise_intensity
 from hipseg.synth import SynthConfig, make_dataset, synth_case
 from hipseg.train import LoadedRun, TrainConfig
