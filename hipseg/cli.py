@@ -25,6 +25,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             strict=args.strict,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            storage_options=_storage_options(args),
         )
     except SkippedCasesError as error:
         report = getattr(error, "report", None)
@@ -62,7 +63,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from hipseg.store import AXIS_NAMES, open_store
 
-    s = open_store(args.store)
+    s = open_store(args.store, _storage_options(args))
     print(repr(s))
     for axis in AXIS_NAMES:
         table = s.slice_table(axis)
@@ -81,6 +82,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- models, train, evaluate, predict
+
+
+def _storage_options(args: argparse.Namespace) -> dict | None:
+    from hipseg.storage import parse_storage_options
+
+    return parse_storage_options(getattr(args, "storage_options", None)) or None
+
+
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help="filesystem arguments for a URL store, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' "
+        "(default: the standard environment, AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)",
+    )
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -148,7 +164,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model_options=model_options or None,
         **flags,
     )
-    result = train(config, resume=args.resume, progress=not args.quiet)
+    result = train(config, resume=args.resume, progress=not args.quiet,
+                   storage_options=_storage_options(args))
+    from hipseg.distributed import is_main_process
+
+    if not is_main_process():
+        return 0  # under torchrun, rank 0 alone reports
     dice = ", ".join(f"{k} {v:.3f}" for k, v in result.best_dice.items())
     print(
         f"{result.run_dir}: {result.steps} steps in {result.elapsed_s / 60:.1f} min "
@@ -216,7 +237,8 @@ def _add_model_commands(commands) -> None:
     p.set_defaults(run=_cmd_models)
 
     p = commands.add_parser("train", help="train a segmentation model on a store")
-    p.add_argument("store", nargs="?", help="store from `hipseg convert` (optional with --resume)")
+    p.add_argument("store", nargs="?",
+                   help="store (path or URL) from `hipseg convert` (optional with --resume)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--config", help="JSON or TOML file of settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -263,6 +285,7 @@ def _add_model_commands(commands) -> None:
     p.add_argument("--attention", action="store_true", help="attention gates")
     p.add_argument("--separable", action="store_true", help="depthwise-separable convolutions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_storage_options(p)
     p.set_defaults(run=_cmd_train)
 
     p = commands.add_parser("evaluate", help="Dice and HD95 per case in the original grids")
@@ -296,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("convert", help="NIfTI folder -> one Zarr store")
     p.add_argument("src", help="Decathlon task folder (dataset.json) or folder with images/ and labels/")
-    p.add_argument("dst", help="destination store, e.g. out.zarr")
+    p.add_argument("dst", help="destination store, e.g. out.zarr or s3://bucket/out.zarr")
     p.add_argument("--roi", help="fixed ROI shape XxYxZ (default: derived from the labels)")
     p.add_argument("--margin", type=int, default=4, help="voxels around each label box (default 4)")
     p.add_argument(
@@ -307,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="stop at the first bad case")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_storage_options(p)
     p.set_defaults(run=_cmd_convert)
 
     p = commands.add_parser("synth", help="write a synthetic Decathlon-layout dataset")
@@ -321,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_synth)
 
     p = commands.add_parser("info", help="summarise a store")
-    p.add_argument("store")
+    p.add_argument("store", help="a store path or URL")
+    _add_storage_options(p)
     p.set_defaults(run=_cmd_info)
 
     p = commands.add_parser("demo", help="the whole pipeline on built-in synthetic data")

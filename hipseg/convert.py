@@ -9,6 +9,13 @@ Crash safety: all work happens in ``DST.partial/`` (plan, one JSON file per
 finished shard, the store itself); the finished store is moved to ``DST`` with
 one atomic rename. A killed run leaves no ``DST`` and a ``DST.partial/`` that the
 next run of the same command picks up where it stopped.
+
+At a URL (``s3://bucket/x.zarr``; object stores have no rename) the store is written
+in place at ``DST`` and the plan and shard records under the prefix ``DST.partial/``;
+every object is one PUT, so none is ever half-written, and the store's ``hipseg``
+attribute, written last, is what makes it a store: ``open_store`` refuses ``DST``
+until the conversion completed. Workers on any machine write their shards
+straight to the bucket; no shared filesystem is needed.
 """
 
 from __future__ import annotations
@@ -24,10 +31,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import zarr
 from tqdm.auto import tqdm
 
-from hipseg import __version__, store
+from hipseg import __version__, storage, store
 from hipseg.discovery import CaseSource, discover
 from hipseg.errors import ConfigError, InputError, SkippedCasesError, StoreExistsError
 from hipseg.nifti import load_case
@@ -40,7 +46,7 @@ STORE = "store.zarr"
 
 @dataclass
 class ConvertReport:
-    path: Path
+    path: Path | str  # a URL stays a string
     n_volumes: int
     roi_shape: tuple[int, int, int]
     skipped: list[dict] = field(default_factory=list)
@@ -88,9 +94,19 @@ def scan_case(source: CaseSource, n_classes: int) -> dict:
 
 
 def convert_block(
-    work: str, start: int, entries: Sequence[dict], roi_shape: Sequence[int], class_names: Sequence[str]
+    work: str,
+    start: int,
+    entries: Sequence[dict],
+    roi_shape: Sequence[int],
+    class_names: Sequence[str],
+    target: str | None = None,
+    storage_options: dict | None = None,
 ) -> int:
-    """Pass 2: crop and write one shard, then record it as done (the record is the commit)."""
+    """Pass 2: crop and write one shard, then record it as done (the record is the commit).
+
+    ``work`` and ``target`` (the store being written; default ``work/store.zarr``) are local
+    paths or URLs; ``storage_options`` reach the URL's filesystem.
+    """
     images = np.zeros((len(entries), *roi_shape), dtype=store.IMAGE_DTYPE)
     labels = np.zeros((len(entries), *roi_shape), dtype=store.LABEL_DTYPE)
     volumes, counts = [], []
@@ -120,10 +136,16 @@ def convert_block(
                 "sha256": {"image": case.image_sha256, "label": case.label_sha256},
             }
         )
-    group = zarr.open_group(str(Path(work) / STORE), mode="r+")
+    group = storage.open_group(target or storage.join(work, STORE), "r+", storage_options)
     store.write_block(group, start, images, labels)
-    _write_json_atomic(Path(work) / BLOCKS / f"{start:08d}.json", {"volumes": volumes, "counts": counts})
+    storage.write_json(
+        _block_record(work, start), {"volumes": volumes, "counts": counts}, storage_options
+    )
     return start
+
+
+def _block_record(work: str, start: int) -> str:
+    return storage.join(work, BLOCKS, f"{start:08d}.json")
 
 
 def _convert_block_args(args: tuple) -> int:
@@ -131,15 +153,6 @@ def _convert_block_args(args: tuple) -> int:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _write_json_atomic(path: Path, data: object) -> None:
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(temporary, "w") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def _fingerprint(sources: Sequence[CaseSource], options: dict) -> str:
@@ -268,15 +281,15 @@ def _plan(sources, class_names, roi, margin, runner, strict, fingerprint) -> dic
     }
 
 
-def _finalise(work: Path, plan: dict, shard: int, source: str) -> None:
+def _finalise(work: str, plan: dict, shard: int, source: str, target: str, options: dict) -> None:
     volumes, per_axis = [], {axis: [] for axis in store.AXIS_NAMES}
     for start in range(0, len(plan["entries"]), shard):
-        block = json.loads((work / BLOCKS / f"{start:08d}.json").read_text())
+        block = storage.read_json(_block_record(work, start), options)
         volumes.extend(block["volumes"])
         for counts in block["counts"]:
             for axis in store.AXIS_NAMES:
                 per_axis[axis].append(np.asarray(counts[axis], dtype=np.int32))
-    group = zarr.open_group(str(work / STORE), mode="r+")
+    group = storage.open_group(target, "r+", options)
     store.write_slice_tables(group, {axis: store.build_slice_table(c) for axis, c in per_axis.items()})
     info = store.StoreInfo(
         format_version=store.FORMAT_VERSION,
@@ -296,9 +309,9 @@ def _finalise(work: Path, plan: dict, shard: int, source: str) -> None:
     )
 
 
-def _existing_fingerprint(path: Path) -> str | None:
+def _existing_fingerprint(location: str, options: dict) -> str | None:
     try:
-        return dict(zarr.open_group(str(path), mode="r").attrs)["hipseg"].get("fingerprint")
+        return dict(storage.open_group(location, "r", options).attrs)["hipseg"].get("fingerprint")
     except Exception:  # not a (complete) hipseg store
         return None
 
@@ -316,13 +329,15 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     shard_volumes: int | None = None,
+    storage_options: dict | None = None,
 ) -> ConvertReport:
     """Convert a Decathlon task folder, or images/ + labels/ folders, into one Zarr store.
 
     Parameters
     ----------
     src, dst
-        Source folder and destination store path.
+        Source folder, and destination store: a local path or an fsspec URL
+        (``s3://bucket/x.zarr``; see :mod:`hipseg.storage`).
     roi
         Fixed ROI shape (canonical X, Y, Z), e.g. ``"48x64x48"``; derived from the labels if None.
     margin
@@ -337,10 +352,18 @@ def convert(
         Replace an existing store at ``dst`` (the old one is removed only once the new one is in place).
     shard_volumes
         Volumes per shard (and per task); about 8 MiB of crops by default.
+    storage_options
+        Filesystem arguments for a URL destination (credentials, ``endpoint_url``); the
+        standard environment (``AWS_*``) is used when not given.
     """
     started = time.perf_counter()
-    dst = Path(dst)
-    work = dst.with_name(dst.name + ".partial")
+    options_fs = dict(storage_options or {})
+    at_url = storage.is_url(dst)
+    dst = storage.normalise(dst)  # a string from here on: a URL must never become a Path
+    work = storage.sibling(dst, ".partial")
+    # Locally the store is built inside the work folder and renamed into place; at a URL
+    # (no rename) it is built at dst and becomes a store when its attributes are written.
+    target = dst if at_url else storage.join(work, STORE)
     roi_shape = _parse_roi(roi)
     if margin < 0:
         raise ConfigError(f"margin must be >= 0, got {margin}")
@@ -358,29 +381,35 @@ def convert(
         "classes": class_names,
     }
     fingerprint = _fingerprint(sources, options)
+    plan_path = storage.join(work, PLAN)
+    plan = storage.read_json(plan_path, options_fs) if storage.exists(plan_path, options_fs) else None
 
-    if dst.exists():
-        if _existing_fingerprint(dst) == fingerprint:
-            existing = store.open_store(dst)
-            shutil.rmtree(work, ignore_errors=True)  # left over if a run died right after its rename
+    if storage.exists(dst, options_fs):
+        if _existing_fingerprint(dst, options_fs) == fingerprint:
+            existing = store.open_store(dst, options_fs)
+            # left over if a run died right after its rename (or, at a URL, its last attribute write)
+            storage.remove_tree(work, options_fs)
             report = ConvertReport(
-                dst, existing.n_volumes, existing.roi_shape, list(existing.info.skipped), up_to_date=True
+                _shown(dst), existing.n_volumes, existing.roi_shape, list(existing.info.skipped),
+                up_to_date=True,
             )
             _raise_if_skipped(report, skip_bad)
             return report
-        if not overwrite:
+        # At a URL, dst is an unfinished store of ours when the work prefix holds a plan.
+        ours = at_url and plan is not None and _existing_fingerprint(dst, options_fs) is None
+        if not overwrite and not ours:
             raise StoreExistsError(
                 f"{dst}: already exists and was made from other inputs or options; "
                 "pass --overwrite to replace it or choose another destination"
             )
+        if at_url and overwrite and not ours:
+            # No rename in object stores: the old store goes first (docs/distributed.md says so).
+            storage.remove_tree(dst, options_fs)
 
-    plan = None
-    if (work / PLAN).exists():
-        plan = json.loads((work / PLAN).read_text())
-        if plan.get("fingerprint") != fingerprint:
-            plan = None
-    if plan is None and work.exists():
-        shutil.rmtree(work)  # an unfinished run of other inputs: nothing in it is reusable
+    if plan is not None and plan.get("fingerprint") != fingerprint:
+        plan = None
+    if plan is None:
+        storage.remove_tree(work, options_fs)  # an unfinished run of other inputs: nothing reusable
 
     runner = _Runner(workers, scheduler, progress)
     try:
@@ -391,29 +420,30 @@ def convert(
             if not entries:
                 raise SkippedCasesError(plan["skipped"])
             plan["shard_volumes"] = shard_volumes or store.volumes_per_shard(plan["roi_shape"], len(entries))
-            (work / BLOCKS).mkdir(parents=True)
-            group = zarr.open_group(str(work / STORE), mode="w", zarr_format=3)
+            group = storage.open_group(target, "w", options_fs, zarr_format=3)
             store.create_arrays(group, len(entries), plan["roi_shape"], plan["shard_volumes"])
-            _write_json_atomic(work / PLAN, plan)  # from here on, the run can be resumed
+            storage.write_json(plan_path, plan, options_fs)  # from here on, the run can be resumed
         entries, shard = plan["entries"], plan["shard_volumes"]
         starts = list(range(0, len(entries), shard))
-        todo = [s for s in starts if not (work / BLOCKS / f"{s:08d}.json").exists()]
+        todo = [s for s in starts if not storage.exists(_block_record(work, s), options_fs)]
         roi_final, names = tuple(plan["roi_shape"]), plan["class_names"]
-        blocks = [(str(work), s, entries[s : s + shard], roi_final, names) for s in todo]
+        blocks = [(work, s, entries[s : s + shard], roi_final, names, target, options_fs or None)
+                  for s in todo]
         for _ in runner.map(_convert_block_args, blocks, "converting shards"):
             pass
     finally:
         runner.close()
 
-    _finalise(work, plan, shard, str(Path(src).resolve()))
-    old = dst.with_name(dst.name + f".old{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(work / STORE, dst)
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    _finalise(work, plan, shard, str(Path(src).resolve()), target, options_fs)
+    if not at_url:
+        old = f"{dst}.old{os.getpid()}"
+        if os.path.exists(dst):
+            os.replace(dst, old)
+        os.replace(target, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    storage.remove_tree(work, options_fs)
     report = ConvertReport(
-        dst,
+        _shown(dst),
         len(entries),
         roi_final,
         list(plan["skipped"]),
@@ -422,6 +452,11 @@ def convert(
     )
     _raise_if_skipped(report, skip_bad)
     return report
+
+
+def _shown(location: str) -> Path | str:
+    """How a report names the store: a Path when local (as always), the URL string otherwise."""
+    return location if storage.is_url(location) else Path(location)
 
 
 def _raise_if_skipped(report: ConvertReport, skip_bad: bool) -> None:

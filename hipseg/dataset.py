@@ -4,6 +4,8 @@ Volumes reach the kernel from one of two sources:
 
 - ``cache="ram"``: the selected crops are decoded once into one file in
   ``/dev/shm`` (float16 bits + uint8 labels) that every worker maps read-only,
+  placed and reserved by :mod:`hipseg.shm` (too little shared memory: a file in the
+  temporary folder or ``HIPSEG_CACHE_DIR``, else streaming, with a warning; never SIGBUS),
   so the page cache holds one copy however many workers run. The first process
   that needs it fills it under a file lock; the parent never decodes image data
   (so forking after construction is safe) and deletes the file when the dataset
@@ -49,6 +51,7 @@ from hipseg.sampler import (
     build_index,
     select_volumes,
 )
+from hipseg.shm import allocate, cache_folder
 from hipseg.store import AXIS_NAMES, HippocampusStore, open_store
 
 CACHES = ("ram", "stream")
@@ -108,6 +111,7 @@ class _RamVolumes:
         roi: tuple[int, int, int],
         axes: tuple[str, ...],
         path: str,
+        storage_options: dict | None = None,
     ) -> None:
         self.store_path, self.store_volumes, self.axes, self.path = (
             store_path,
@@ -115,16 +119,18 @@ class _RamVolumes:
             axes,
             path,
         )
+        self.storage_options = storage_options
         self.vol_size = int(np.prod(roi))
         self.n = len(axes) * store_volumes.size * self.vol_size
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
     def _fill(self) -> None:
-        store = open_store(self.store_path)
+        store = open_store(self.store_path, self.storage_options)
         V = self.store_volumes.size
         tmp = f"{self.path}.tmp-{os.getpid()}"
         try:
-            buf = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(3 * self.n,))
+            allocate(tmp, 3 * self.n)  # reserved first: no room is an error, never a SIGBUS
+            buf = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=(3 * self.n,))
             images = buf[: 2 * self.n].view(np.uint16).reshape(len(self.axes), V, -1)
             labels = buf[2 * self.n :].reshape(len(self.axes), V, -1)
             # Contiguous runs of volumes, so whole shards decode in one request.
@@ -180,8 +186,10 @@ class _StreamVolumes:
         roi: tuple[int, int, int],
         axes: tuple[str, ...],
         budget_bytes: int | None = None,
+        storage_options: dict | None = None,
     ) -> None:
         self.store_path, self.store_volumes, self.axes = store_path, store_volumes, axes
+        self.storage_options = storage_options
         self.vol_size = int(np.prod(roi))
         budget = STREAM_CACHE_BYTES if budget_bytes is None else budget_bytes
         self.capacity = max(1, budget // (3 * self.vol_size))
@@ -192,7 +200,7 @@ class _StreamVolumes:
 
     def _read(self, key: int, slot: int) -> None:
         if self._store is None:
-            self._store = open_store(self.store_path)
+            self._store = open_store(self.store_path, self.storage_options)
         axis_id, local = divmod(key, self.store_volumes.size)
         v = int(self.store_volumes[local])
         image = np.asarray(self._store.images[v : v + 1]).astype(np.float16, copy=False)
@@ -269,7 +277,8 @@ class HippocampusSliceDataset(torch.utils.data.Dataset):
 
     Parameters
     ----------
-    store : path or HippocampusStore
+    store : path, URL or HippocampusStore
+        A local path or an fsspec URL (``s3://...``); see :mod:`hipseg.storage`.
     axis : str or list of str
         'sagittal', 'coronal', 'axial', or several mixed (slices centred on a
         zero-padded canvas of the largest in-plane size).
@@ -283,6 +292,13 @@ class HippocampusSliceDataset(torch.utils.data.Dataset):
         For samplers made with ``sampler()``; see ``hipseg.sampler.SamplerConfig``.
     seed, rank, world_size : int
     cache : 'ram' or 'stream'
+        'ram' decodes the crops once into a shared file (in ``/dev/shm``, or where
+        :func:`hipseg.shm.cache_folder` finds room; streaming when nowhere has room);
+        'stream' reads chunks on demand.
+    cache_dir : str, optional
+        Folder of the RAM cache file (default ``$HIPSEG_CACHE_DIR``, else ``/dev/shm``).
+    storage_options : dict, optional
+        Filesystem arguments for a URL store (credentials, ``endpoint_url``).
     sampler_config : SamplerConfig, optional
         Every sampling knob; ``foreground_fraction`` must then stay at its default.
     parallel : bool
@@ -307,9 +323,15 @@ class HippocampusSliceDataset(torch.utils.data.Dataset):
         cache: str = "ram",
         sampler_config: SamplerConfig | None = None,
         parallel: bool = False,
+        cache_dir: str | None = None,
+        storage_options: dict | None = None,
     ) -> None:
-        opened = store if isinstance(store, HippocampusStore) else open_store(store)
-        self.store_path = str(opened.path)
+        if isinstance(store, HippocampusStore):
+            opened = store
+        else:
+            opened = open_store(store, storage_options)
+        self.store_path = opened.location
+        self.storage_options = opened.storage_options or None
         self.axes = _resolve_axes(axis)
         if not isinstance(context, int) or context < 0:
             raise ConfigError(f"context must be an integer of at least 0, got {context!r}")
@@ -334,7 +356,12 @@ class HippocampusSliceDataset(torch.utils.data.Dataset):
         self.augmenter = SliceAugmenter(self.augment_config, self.canvas, parallel=parallel)
         self.vol_size = int(np.prod(self.roi))
         if cache == "ram":
-            folder = _shm_dir()
+            nbytes = 3 * len(self.axes) * self.index.store_volumes.size * self.vol_size
+            folder = cache_folder(nbytes, f"RAM cache of {self.index.store_volumes.size} volumes",
+                                  cache_dir)
+            if folder is None:
+                self.cache = cache = "stream"
+        if cache == "ram":
             _sweep_stale_caches(folder)
             path = str(folder / f"{_CACHE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}.bin")
             self._cache_path = path
@@ -378,11 +405,13 @@ class HippocampusSliceDataset(torch.utils.data.Dataset):
         if self._source is None or self._source_pid != os.getpid():
             if self.cache == "ram":
                 self._source = _RamVolumes(
-                    self.store_path, self.index.store_volumes, self.roi, self.axes, self._cache_path
+                    self.store_path, self.index.store_volumes, self.roi, self.axes, self._cache_path,
+                    self.storage_options,
                 )
             else:
                 self._source = _StreamVolumes(
-                    self.store_path, self.index.store_volumes, self.roi, self.axes
+                    self.store_path, self.index.store_volumes, self.roi, self.axes,
+                    storage_options=self.storage_options,
                 )
             self._source_pid = os.getpid()
         return self._source

@@ -35,9 +35,10 @@ import torch
 import torch.utils.data
 
 from hipseg.augment import AugmentConfig, warmup
-from hipseg.dataset import _CACHE_PREFIX, HippocampusSliceDataset, _remove_cache, _shm_dir
+from hipseg.dataset import _CACHE_PREFIX, HippocampusSliceDataset, _remove_cache
 from hipseg.errors import ConfigError, WorkerError
 from hipseg.sampler import SamplerConfig, SliceSampler
+from hipseg.shm import CACHE_DIR_ENV, CacheSpaceError, allocate, cache_folder
 from hipseg.store import HippocampusStore
 
 
@@ -66,15 +67,21 @@ class _Ring:
     with two spare slots a worker never writes into a batch not yet copied out.
     """
 
-    def __init__(self, n_slots: int, batch: int, image_shape: tuple[int, ...]) -> None:
+    def __init__(self, n_slots: int, batch: int, image_shape: tuple[int, ...],
+                 folder: str | None = None) -> None:
         self.n_slots, self.batch, self.image_shape = n_slots, batch, tuple(image_shape)
         self.label_shape = (1, *self.image_shape[1:])
-        self.path = str(
-            _shm_dir() / f"{_CACHE_PREFIX}{os.getpid()}-ring-{uuid.uuid4().hex[:12]}.bin"
-        )
         self._image_bytes = 4 * n_slots * batch * int(np.prod(self.image_shape))
         self._bytes = self._image_bytes + 8 * n_slots * batch * int(np.prod(self.label_shape))
-        np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(self._bytes,)).flush()
+        where = cache_folder(self._bytes, f"loader's batch ring ({n_slots} batches)", folder)
+        if where is None:
+            raise CacheSpaceError(
+                f"no folder has room for the loader's batch ring ({self._bytes >> 20} MB); give "
+                f"the container more shared memory (`docker run --shm-size=1g`), set "
+                f"{CACHE_DIR_ENV}, or use num_workers=0"
+            )
+        self.path = str(where / f"{_CACHE_PREFIX}{os.getpid()}-ring-{uuid.uuid4().hex[:12]}.bin")
+        allocate(self.path, self._bytes)  # reserved, so a full /dev/shm is an error, not a SIGBUS
         self._finalizer = weakref.finalize(self, _remove_cache, self.path, os.getpid())
         self._views: tuple[np.ndarray, np.ndarray] | None = None
         self._pid = -1
@@ -175,6 +182,8 @@ class SliceLoader:
         Seconds to wait for one batch before raising ``WorkerError``.
     kernel_threads : int
         Numba threads per worker for the batch kernel (1 = the serial kernel).
+    cache_dir, storage_options
+        As for ``HippocampusSliceDataset``; ``cache_dir`` also holds the batch ring.
     """
 
     def __init__(
@@ -199,6 +208,8 @@ class SliceLoader:
         timeout: float = 300.0,
         kernel_threads: int = 1,
         sampler_config: SamplerConfig | None = None,
+        cache_dir: str | None = None,
+        storage_options: dict | None = None,
     ) -> None:
         if num_workers < 0 or prefetch < 1 or kernel_threads < 1 or timeout <= 0:
             raise ConfigError(
@@ -219,6 +230,8 @@ class SliceLoader:
             cache=cache,
             sampler_config=sampler_config,
             parallel=kernel_threads > 1,
+            cache_dir=cache_dir,
+            storage_options=storage_options,
         )
         self._sampler = self.dataset.sampler(batch_size, mode, start_batch)
         self.batch_size, self.mode, self.num_workers = int(batch_size), mode, int(num_workers)
@@ -227,7 +240,9 @@ class SliceLoader:
         self._position = int(start_batch)
         # Keys outstanding in the DataLoader, the batch being copied out, and one spare.
         self._n_slots = prefetch * num_workers + 2
-        self._ring = _Ring(self._n_slots, batch_size, self.image_shape) if num_workers else None
+        self._ring = (
+            _Ring(self._n_slots, batch_size, self.image_shape, cache_dir) if num_workers else None
+        )
         self._pin = pin_memory and torch.cuda.is_available()
         if pin_memory and not self._pin:
             warnings.warn(

@@ -96,6 +96,8 @@ class RunResult:
     final_dice: dict[str, float]
     checkpoint: str
     best: str
+    world_size: int = 1  # processes that trained it (torchrun); samples_per_s counts all of them
+    weights_sha256: list[str] = dataclasses.field(default_factory=list)  # final weights, per rank
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,7 +25,8 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from hipseg.errors import StoreError
+from hipseg import storage
+from hipseg.errors import HipsegError, StoreError
 
 FORMAT_VERSION = 1
 CLASS_NAMES: tuple[str, ...] = ("background", "anterior", "posterior")
@@ -174,23 +175,42 @@ class HippocampusStore:
 
     Opening is cheap (metadata only); image data is read on demand, so a view may
     be opened inside each DataLoader worker.
+
+    Parameters
+    ----------
+    path
+        A local path or an fsspec URL (``s3://bucket/x.zarr``); a URL is opened through
+        Zarr's FsspecStore and never becomes a local path.
+    storage_options
+        Filesystem arguments for a URL (credentials, ``endpoint_url``, ...); the
+        standard environment (``AWS_*``) is used when not given.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise StoreError(f"{self.path}: no such store (run `hipseg convert` first)")
+    def __init__(self, path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+        self.location = storage.normalise(path)
+        self.storage_options = dict(storage_options or {})
+        #: local stores: the Path (as before); URLs: the URL string.
+        self.path: str | Path = self.location if storage.is_url(path) else Path(self.location)
         try:
-            self.group = zarr.open_group(str(self.path), mode="r")
+            self.group = storage.open_group(self.location, "r", self.storage_options)
+        except FileNotFoundError:
+            raise StoreError(f"{self.location}: no such store (run `hipseg convert` first)") from None
+        except HipsegError:  # a missing filesystem package (ConfigError naming the extra)
+            raise
         except Exception as error:  # zarr raises several types for a non-store folder
-            raise StoreError(f"{self.path}: not a Zarr v3 group ({error})") from error
+            if not storage.exists(self.location, self.storage_options):
+                raise StoreError(f"{self.location}: no such store (run `hipseg convert` first)") from None
+            raise StoreError(f"{self.location}: not a Zarr v3 group ({error})") from error
         attrs = dict(self.group.attrs)
         if "hipseg" not in attrs:
-            raise StoreError(f"{self.path}: not a hipseg store (no 'hipseg' attribute)")
+            raise StoreError(
+                f"{self.location}: not a complete hipseg store (no 'hipseg' attribute; a conversion "
+                "writes it last, so an interrupted one is resumed by running it again)"
+            )
         self.info = StoreInfo.from_dict(attrs["hipseg"])
         if self.info.format_version != FORMAT_VERSION:
             raise StoreError(
-                f"{self.path}: store format version {self.info.format_version}, "
+                f"{self.location}: store format version {self.info.format_version}, "
                 f"this hipseg reads version {FORMAT_VERSION}; convert the data again"
             )
         self.volumes: list[dict] = list(attrs.get("volumes", []))
@@ -239,10 +259,11 @@ class HippocampusStore:
 
     def __repr__(self) -> str:
         return (
-            f"HippocampusStore({str(self.path)!r}, volumes={self.n_volumes}, "
+            f"HippocampusStore({self.location!r}, volumes={self.n_volumes}, "
             f"roi={self.roi_shape}, classes={list(self.class_names)})"
         )
 
 
-def open_store(path: str | Path) -> HippocampusStore:
-    return HippocampusStore(path)
+def open_store(path: str | Path, storage_options: dict[str, Any] | None = None) -> HippocampusStore:
+    """Open a converted store at a local path or an fsspec URL; see :class:`HippocampusStore`."""
+    return HippocampusStore(path, storage_options)

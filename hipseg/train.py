@@ -18,6 +18,13 @@ moment leaves either the old or the new checkpoint, never half of one.
 Resuming: batch ``k`` of the sampler stream is a pure function of (seed, k), so a
 resumed run asks the loader for batches from the checkpoint's step on and ends
 exactly where an uninterrupted run ends (tests/test_train.py shows it with kill -9).
+
+Data-parallel: under ``torchrun --nproc_per_node=N -m hipseg train ...`` each rank
+trains a DistributedDataParallel replica on its own shard of the sampler stream
+(batch ``k`` of rank ``r`` is a pure function of (seed, r, k)), gradients are averaged,
+and rank 0 alone validates and writes the run folder (``run.json`` records
+``world_size`` and each rank's final weight digest). Time budgets follow rank 0's clock,
+broadcast every step, so all ranks stop at the same step. docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hipseg import distributed
 from hipseg.config import DEFAULT_MINUTES, RESUMABLE, SCHEDULES, TrainConfig, read_config_file
+from hipseg.errors import ConfigError, HipsegError
 from hipseg.inference import volume_probabilities
 from hipseg.losses import build_loss
 from hipseg.metrics import dice_per_class
@@ -92,7 +101,8 @@ def lr_factor(progress: float, schedule: str, warmup: float) -> float:
 # ---------------------------------------------------------------- data streams
 
 def _slice_batches(store: HippocampusStore, config: TrainConfig, cases: list[str], start: int,
-                   pin_memory: bool = False) -> tuple[Iterator[dict], Any]:
+                   pin_memory: bool = False, rank: int = 0,
+                   world_size: int = 1) -> tuple[Iterator[dict], Any]:
     from hipseg.augment import AugmentConfig
     from hipseg.loader import SliceLoader
 
@@ -102,14 +112,15 @@ def _slice_batches(store: HippocampusStore, config: TrainConfig, cases: list[str
         augment=augment, cases=cases, seed=config.seed,
         num_workers=default_workers() if config.num_workers is None else config.num_workers,
         mode="infinite", start_batch=start, foreground_fraction=config.foreground_fraction,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory, rank=rank, world_size=world_size,
+        storage_options=store.storage_options or None,
     )
     return iter(loader), loader
 
 
 def _volume_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig,
-                    start: int) -> Iterator[dict]:
-    """Batches of whole ROI crops for the 3D model; batch k is a pure function of (seed, k).
+                    start: int, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    """Batches of whole ROI crops for the 3D model; batch k is a pure function of (seed, rank, k).
 
     Augmentation follows ``config.augment_options`` (an AugmentConfig) where it applies
     to whole crops: the left-right flip (array axis 0 of a RAS crop; anterior/posterior
@@ -121,7 +132,9 @@ def _volume_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig,
     augment = AugmentConfig(**config.augment_options) if config.augment else AugmentConfig.none()
     step = start
     while True:
-        rng = np.random.default_rng([config.seed, 3, step])
+        # One process keeps the stream it always had; rank r of N draws its own.
+        key = [config.seed, 3, step] if world_size == 1 else [config.seed, 3, step, rank, world_size]
+        rng = np.random.default_rng(key)
         pick = rng.integers(0, images.shape[0], config.batch_size)
         image = images[pick].astype(np.float32)
         label = labels[pick].astype(np.int64)
@@ -162,15 +175,24 @@ def validate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, con
 class _Session:
     """The mutable parts of one training process: model, optimizer, counters, and their saving."""
 
-    def __init__(self, config: TrainConfig, meta: dict[str, Any], device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, meta: dict[str, Any], device: torch.device,
+                 context: distributed.Context | None = None) -> None:
         self.config, self.meta, self.device = config, meta, device
+        self.context = context or distributed.Context(device=device)
         self.run_dir = Path(config.out)
         model = build_model(config.model, meta["in_channels"], len(meta["class_names"]),
                             **config.model_options)
         channels_last = config.channels_last and meta["spatial_dims"] == 2
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device).to(memory_format=self.memory_format)
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        replica: torch.nn.Module = self.model
+        if self.context.active:
+            # DDP broadcasts rank 0's initial weights and averages gradients in backward.
+            from torch.nn.parallel import DistributedDataParallel
+
+            replica = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.forward = torch.compile(replica) if config.compile else replica
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.use_amp = config.amp and device.type == "cuda"
@@ -184,16 +206,25 @@ class _Session:
             "elapsed_s": 0.0, "loss_sum": 0.0, "loss_count": 0}
 
     def restore(self) -> None:
-        saved = load_checkpoint(self.run_dir / CHECKPOINT)
+        # Rank 0 reads the checkpoint and sends it to the others: no shared filesystem needed.
+        saved = load_checkpoint(self.run_dir / CHECKPOINT) if self.context.is_main else None
+        saved = distributed.broadcast_object(self.context, saved)
+        trained_with = int(saved["state"].get("world_size", 1))
+        if trained_with != self.context.world_size:
+            raise ConfigError(
+                f"{self.run_dir}: trained with world_size {trained_with}, resumed with "
+                f"{self.context.world_size}; batch k of rank r depends on both, so resume with the "
+                f"same number of processes (torchrun --nproc_per_node ... x nodes = {trained_with})")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["torch_rng"])
         self.state.update(saved["state"])
-        # Lines logged after the checkpoint belong to steps that will be run again.
-        kept = read_metrics(self.run_dir / METRICS, self.state["step"])
-        (self.run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.context.is_main:
+            # Lines logged after the checkpoint belong to steps that will be run again.
+            kept = read_metrics(self.run_dir / METRICS, self.state["step"])
+            (self.run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def checkpoint(self) -> None:
         atomic_save({
@@ -201,7 +232,7 @@ class _Session:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "torch_rng": torch.get_rng_state(), "config": self.config.to_dict(), "meta": self.meta,
-            "state": dict(self.state),
+            "state": {**self.state, "world_size": self.context.world_size},
         }, self.run_dir / CHECKPOINT)
 
     def step(self, batch: dict, lr: float) -> None:
@@ -226,7 +257,8 @@ class _Session:
         return mean
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> RunResult:
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+          storage_options: dict[str, Any] | None = None) -> RunResult:
     """Train ``config.model`` on ``config.store``; write the run folder ``config.out``.
 
     Parameters
@@ -235,14 +267,44 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         What to train and for how long.
     resume
         Continue the run in ``config.out`` from its last checkpoint; the settings must equal the
-        saved ones except those in :data:`RESUMABLE`.
+        saved ones except those in :data:`RESUMABLE`, and the world size must be the same.
     progress
-        Show a tqdm progress bar (steps/s and samples/s).
+        Show a tqdm progress bar (steps/s and samples/s; rank 0 only).
+    storage_options
+        Filesystem arguments when ``config.store`` is a URL (not saved in the run folder).
+
+    Under torchrun (``WORLD_SIZE`` > 1) this trains data-parallel; see the module docstring.
     """
-    store = open_store(config.store)
-    train_cases, val_cases = prepare_folder(config, store, resume)
-    run_dir = Path(config.out)
+    store = open_store(config.store, storage_options)
     device = resolve_device(config.device)
+    context = distributed.setup(device)
+    try:
+        return _train(config, store, context, resume, progress)
+    finally:
+        distributed.teardown(context)
+
+
+def _prepare_on_rank_0(config: TrainConfig, store: HippocampusStore, resume: bool,
+                       context: distributed.Context) -> tuple[list[str], list[str]]:
+    """Rank 0 checks or creates the run folder; the others get its split (or its error)."""
+    outcome: Any
+    if context.is_main:
+        try:
+            outcome = prepare_folder(config, store, resume)
+        except HipsegError as error:
+            outcome = error
+    outcome = distributed.broadcast_object(context, outcome if context.is_main else None)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _train(config: TrainConfig, store: HippocampusStore, context: distributed.Context, resume: bool,
+           progress: bool) -> RunResult:
+    main = context.is_main
+    device = context.device
+    train_cases, val_cases = _prepare_on_rank_0(config, store, resume, context)
+    run_dir = Path(config.out)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -250,33 +312,41 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     torch.manual_seed(config.seed)
     meta = run_meta(store, config, val_cases)
     class_names = meta["class_names"]
-    session = _Session(config, meta, device)
+    session = _Session(config, meta, device, context)
     if resume:
         session.restore()
     state = session.state
 
     index = {c: i for i, c in enumerate(store.case_ids)}
-    val_images = np.stack([store.read_volume(index[c])[0] for c in val_cases])
-    val_labels = np.stack([store.read_volume(index[c])[1] for c in val_cases])
+    if main:  # validation runs once, on rank 0
+        val_images = np.stack([store.read_volume(index[c])[0] for c in val_cases])
+        val_labels = np.stack([store.read_volume(index[c])[1] for c in val_cases])
     loader = None
     if meta["spatial_dims"] == 3:
         picked = [index[c] for c in train_cases]
         batches = _volume_batches(store.images.oindex[picked], store.labels.oindex[picked],
-                                  config, state["step"])
+                                  config, state["step"], context.rank, context.world_size)
     else:
         batches, loader = _slice_batches(store, config, train_cases, state["step"],
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", rank=context.rank,
+                                         world_size=context.world_size)
 
     budget_s = None if config.max_minutes is None else 60.0 * config.max_minutes
     started, first_step, elapsed_before = time.perf_counter(), state["step"], state["elapsed_s"]
     interval_start, interval_step = started, first_step
-    bar = tqdm(total=config.steps, initial=first_step, unit="step", disable=not progress,
+    global_batch = config.batch_size * context.world_size
+    bar = tqdm(total=config.steps, initial=first_step, unit="step", disable=not (progress and main),
                desc=f"training {config.model}", dynamic_ncols=True)
     postfix: dict[str, str] = {}
     session.model.train()
+
+    def clock() -> float:
+        # Every rank follows rank 0's clock, so time-budgeted ranks agree on lr and on when to stop.
+        return distributed.broadcast_float(context, elapsed_before + time.perf_counter() - started)
+
     try:
         while True:
-            elapsed = elapsed_before + time.perf_counter() - started
+            elapsed = clock()
             done = max(state["step"] / config.steps if config.steps else 0.0,
                        elapsed / budget_s if budget_s else 0.0)
             if done >= 1.0:
@@ -285,7 +355,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             session.step(next(batches), lr)
             step = state["step"]
             bar.update(1)
-            state["elapsed_s"] = elapsed = elapsed_before + time.perf_counter() - started
+            state["elapsed_s"] = elapsed = clock()
             finished = (config.steps is not None and step >= config.steps) or (
                 budget_s is not None and elapsed >= budget_s)
 
@@ -293,13 +363,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 now = time.perf_counter()
                 rate = (step - interval_step) / max(now - interval_start, 1e-9)
                 interval_start, interval_step = now, step
-                loss = session.pop_mean_loss()
-                append_metrics(run_dir / METRICS, {
-                    "kind": "train", "step": step, "elapsed_s": round(elapsed, 3), "lr": lr,
-                    "loss": loss, "steps_per_s": rate, "samples_per_s": rate * config.batch_size})
-                postfix.update(loss=f"{loss:.3f}", samples_s=f"{rate * config.batch_size:.0f}")
+                loss = distributed.mean_over_ranks(context, session.pop_mean_loss())
+                if main:
+                    append_metrics(run_dir / METRICS, {
+                        "kind": "train", "step": step, "elapsed_s": round(elapsed, 3), "lr": lr,
+                        "loss": loss, "steps_per_s": rate, "samples_per_s": rate * global_batch})
+                postfix.update(loss=f"{loss:.3f}", samples_s=f"{rate * global_batch:.0f}")
                 bar.set_postfix(postfix)
-            if step % config.val_every == 0 or finished:
+            if main and (step % config.val_every == 0 or finished):
                 scores = validate(session.model, val_images, val_labels, config,
                                   tuple(meta["window"]), len(class_names), device)
                 dice = {name: float(s) for name, s in zip(class_names[1:], scores, strict=True)}
@@ -312,7 +383,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                     save_weights(run_dir / BEST, session.model, config, meta, step, dice)
                 postfix["val_dice"] = f"{mean:.3f}"
                 bar.set_postfix(postfix)
-            if step % config.checkpoint_every == 0 or finished:
+            if main and (step % config.checkpoint_every == 0 or finished):
                 session.checkpoint()
             if finished:
                 break
@@ -323,13 +394,17 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         torch.use_deterministic_algorithms(was_deterministic)
 
     rate = (state["step"] - first_step) / max(time.perf_counter() - started, 1e-9)
-    plot_curve(read_metrics(run_dir / METRICS), run_dir / CURVE, class_names)
+    digests = distributed.gather_objects(context, distributed.weights_digest(session.model))
     result = RunResult(
         run_dir=str(run_dir), steps=state["step"], elapsed_s=float(state["elapsed_s"]),
-        steps_per_s=rate, samples_per_s=rate * config.batch_size,
+        steps_per_s=rate, samples_per_s=rate * global_batch,
         best_step=int(state["best_step"]), best_dice=dict(state["best_dice"]),
         best_mean_dice=float(state["best_mean_dice"]), final_dice=dict(state["final_dice"]),
         checkpoint=str(run_dir / CHECKPOINT), best=str(run_dir / BEST),
+        world_size=context.world_size, weights_sha256=list(digests),
     )
-    write_json(run_dir / SUMMARY, result.to_dict())
+    if main:
+        plot_curve(read_metrics(run_dir / METRICS), run_dir / CURVE, class_names)
+        write_json(run_dir / SUMMARY, result.to_dict())
+    distributed.barrier(context)  # the others leave once run.json is written
     return result
