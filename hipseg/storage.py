@@ -114,6 +114,7 @@ def exists(location: Location, storage_options: dict[str, Any] | None = None) ->
     if not is_url(location):
         return Path(location).exists()
     fs, path = filesystem(str(location), storage_options)
+    fs.invalidate_cache(path)  # another process (a Dask worker, a killed run) may have written since
     return bool(fs.exists(path))
 
 
@@ -133,6 +134,7 @@ def read_json(location: str, storage_options: dict[str, Any] | None = None) -> A
     if not is_url(location):
         return json.loads(Path(location).read_text())
     fs, path = filesystem(location, storage_options)
+    fs.invalidate_cache(path)
     return json.loads(fs.cat_file(path))
 
 

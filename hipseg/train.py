@@ -205,16 +205,9 @@ class _Session:
             "step": 0, "best_mean_dice": -1.0, "best_step": 0, "best_dice": {}, "final_dice": {},
             "elapsed_s": 0.0, "loss_sum": 0.0, "loss_count": 0}
 
-    def restore(self) -> None:
-        # Rank 0 reads the checkpoint and sends it to the others: no shared filesystem needed.
-        saved = load_checkpoint(self.run_dir / CHECKPOINT) if self.context.is_main else None
+    def restore(self, saved: dict[str, Any] | None) -> None:
+        """Continue from rank 0's checkpoint ``saved``, sent to the others (no shared filesystem)."""
         saved = distributed.broadcast_object(self.context, saved)
-        trained_with = int(saved["state"].get("world_size", 1))
-        if trained_with != self.context.world_size:
-            raise ConfigError(
-                f"{self.run_dir}: trained with world_size {trained_with}, resumed with "
-                f"{self.context.world_size}; batch k of rank r depends on both, so resume with the "
-                f"same number of processes (torchrun --nproc_per_node ... x nodes = {trained_with})")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if saved.get("scaler"):
@@ -284,26 +277,42 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         distributed.teardown(context)
 
 
+def _check_world_size(saved: dict[str, Any], run_dir: Path, world_size: int) -> None:
+    trained_with = int(saved["state"].get("world_size", 1))
+    if trained_with != world_size:
+        raise ConfigError(
+            f"{run_dir}: trained with world_size {trained_with}, resumed with {world_size}; batch k "
+            f"of rank r depends on both, so resume with the same number of processes "
+            f"(torchrun --nproc_per_node x nodes = {trained_with})")
+
+
 def _prepare_on_rank_0(config: TrainConfig, store: HippocampusStore, resume: bool,
-                       context: distributed.Context) -> tuple[list[str], list[str]]:
-    """Rank 0 checks or creates the run folder; the others get its split (or its error)."""
-    outcome: Any
+                       context: distributed.Context) -> tuple[list[str], list[str], dict | None]:
+    """Rank 0 checks or creates the run folder; the others get its split (or its error).
+
+    Returns (train cases, validation cases, the checkpoint to resume from on rank 0 / None).
+    """
+    outcome: Any = None
+    saved = None
     if context.is_main:
         try:
+            if resume and (Path(config.out) / CHECKPOINT).exists():
+                saved = load_checkpoint(Path(config.out) / CHECKPOINT)
+                _check_world_size(saved, Path(config.out), context.world_size)
             outcome = prepare_folder(config, store, resume)
         except HipsegError as error:
             outcome = error
-    outcome = distributed.broadcast_object(context, outcome if context.is_main else None)
+    outcome = distributed.broadcast_object(context, outcome)
     if isinstance(outcome, BaseException):
         raise outcome
-    return outcome
+    return (*outcome, saved)
 
 
 def _train(config: TrainConfig, store: HippocampusStore, context: distributed.Context, resume: bool,
            progress: bool) -> RunResult:
     main = context.is_main
     device = context.device
-    train_cases, val_cases = _prepare_on_rank_0(config, store, resume, context)
+    train_cases, val_cases, saved = _prepare_on_rank_0(config, store, resume, context)
     run_dir = Path(config.out)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -314,7 +323,7 @@ def _train(config: TrainConfig, store: HippocampusStore, context: distributed.Co
     class_names = meta["class_names"]
     session = _Session(config, meta, device, context)
     if resume:
-        session.restore()
+        session.restore(saved)
     state = session.state
 
     index = {c: i for i, c in enumerate(store.case_ids)}
