@@ -270,3 +270,12 @@ def test_training_measurement_runs_each_pipeline(bench_env, monkeypatch, pipelin
     assert result["ratio_to_t4_baseline"] == pytest.approx(
         result["steps_per_s"] / c.T4_BASELINE_STEPS_PER_S
     )
+
+
+def test_conversion_to_the_loopback_object_store_is_measured(synth_dataset):
+    """The object-store benchmark converts every case into a real (loopback) S3 server."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+    from benchmarks.bench_distributed import measure_convert_target
+
+    result = measure_convert_target(synth_dataset, "s3-loopback", 1)
+    assert result["volumes"] == 12 and result["volumes_per_s"] > 0

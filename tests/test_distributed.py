@@ -12,6 +12,9 @@ from hipseg.distributed import weights_digest
 from hipseg.runs import load_run
 
 TINY = ["--channels", "4,8", "--strides", "2", "--res-units", "1", "--groups", "2"]
+# A constant learning rate: a run of 3 steps resumed to 6 then sees the same rates as a run of 6.
+FLAGS = ["--threads", "1", "--batch-size", "4", "--val-every", "3", "--log-every", "2",
+         "--checkpoint-every", "3", "--schedule", "constant", "--quiet", *TINY]
 
 
 def _torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -23,9 +26,7 @@ def _torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.Comp
 @pytest.fixture(scope="module")
 def ddp_run(synth_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    result = _torchrun("train", str(synth_store), "--out", str(out), "--steps", "6", "--threads", "1",
-                       "--batch-size", "4", "--val-every", "3", "--log-every", "2",
-                       "--checkpoint-every", "3", "--quiet", *TINY)
+    result = _torchrun("train", str(synth_store), "--out", str(out), "--steps", "6", *FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -55,21 +56,35 @@ def test_both_ranks_end_with_identical_weights(ddp_run):
 def test_resume_with_another_world_size_stops_clearly(ddp_run, tmp_path):
     import shutil
 
+    from hipseg.errors import ConfigError
+    from hipseg.train import build_config, train
+
     out = tmp_path / "copy"
     shutil.copytree(ddp_run[0], out)
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "out": str(out)}))
-    result = subprocess.run([sys.executable, "-m", "hipseg", "train", "--out", str(out), "--resume",
-                             "--steps", "8", "--quiet"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert "trained with world_size 2, resumed with 1" in result.stderr
+    before = (out / "config.json").read_text()
+    with pytest.raises(ConfigError, match="trained with world_size 2, resumed with 1"):
+        train(build_config(None, out, resume=True, steps=8), resume=True, progress=False)
+    assert (out / "config.json").read_text() == before  # refused before anything was written
 
 
 def test_ddp_run_evaluates(ddp_run, synth_dataset, tmp_path):
-    out, _ = ddp_run
-    result = subprocess.run([sys.executable, "-m", "hipseg", "evaluate", str(out), str(synth_dataset),
-                             "--cases", "val", "--json", str(tmp_path / "eval.json"), "--quiet"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    doc = json.loads((tmp_path / "eval.json").read_text())
-    assert doc["n_cases"] >= 1
+    from hipseg.evaluate import evaluate
+
+    doc = evaluate(ddp_run[0], synth_dataset, cases="val", json_out=tmp_path / "eval.json",
+                   progress=False)
+    assert doc["n_cases"] >= 1 and (tmp_path / "eval.json").exists()
+
+
+def test_resume_with_the_same_world_size_is_exact(ddp_run, synth_store, tmp_path):
+    """3 steps, then --resume to 6: both ranks end with the uninterrupted run's weights."""
+    out = tmp_path / "resumed"
+    first = _torchrun("train", str(synth_store), "--out", str(out), "--steps", "3", *FLAGS)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _torchrun("train", "--out", str(out), "--resume", "--steps", "6", "--quiet")
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = json.loads((out / "run.json").read_text())
+    reference = json.loads((ddp_run[0] / "run.json").read_text())
+    assert resumed["steps"] == 6 and resumed["world_size"] == 2
+    assert resumed["weights_sha256"] == reference["weights_sha256"]
