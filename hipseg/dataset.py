@@ -29,7 +29,6 @@ import fcntl
 import os
 import re
 import tempfile
-import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -51,7 +50,7 @@ from hipseg.sampler import (
     build_index,
     select_volumes,
 )
-from hipseg.shm import allocate, cache_folder
+from hipseg.shm import allocate, cache_folder, cache_name, existing_folder
 from hipseg.store import AXIS_NAMES, HippocampusStore, open_store
 
 CACHES = ("ram", "stream")
@@ -356,16 +355,20 @@ class HippocampusSliceDataset(torch.utils.data.Dataset):
         self.augmenter = SliceAugmenter(self.augment_config, self.canvas, parallel=parallel)
         self.vol_size = int(np.prod(self.roi))
         if cache == "ram":
+            identity = f"{self.store_path}|{self.index.store_volumes.tolist()}|{self.axes}|{self.roi}"
+            name, owner = cache_name(_CACHE_PREFIX, identity)
             nbytes = 3 * len(self.axes) * self.index.store_volumes.size * self.vol_size
-            folder = cache_folder(nbytes, f"RAM cache of {self.index.store_volumes.size} volumes",
-                                  cache_dir)
+            folder = existing_folder(name, cache_dir) or cache_folder(
+                nbytes, f"RAM cache of {self.index.store_volumes.size} volumes", cache_dir)
             if folder is None:
                 self.cache = cache = "stream"
         if cache == "ram":
             _sweep_stale_caches(folder)
-            path = str(folder / f"{_CACHE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}.bin")
+            path = str(folder / name)
             self._cache_path = path
-            self._finalizer = weakref.finalize(self, _remove_cache, path, os.getpid())
+            # Forked workers and the other local ranks never remove it: the owner alone does.
+            self._finalizer = weakref.finalize(self, _remove_cache, path,
+                                               os.getpid() if owner else -1)
         self._source: Any = None
         self._source_pid = -1
 

@@ -17,8 +17,10 @@ running out of space is an ``OSError`` naming the folder, never a SIGBUS.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -80,6 +82,32 @@ def cache_folder(nbytes: int, what: str, folder: str | Path | None = None) -> Pa
     warnings.warn(f"hipseg: the {what} ({_mb(nbytes)}) fits neither in shared memory ({room}) nor "
                   f"in {temporary}; reading volumes from the store instead. Give the container "
                   f"more with `docker run --shm-size=1g`, or set {CACHE_DIR_ENV}", stacklevel=3)
+    return None
+
+
+def cache_name(prefix: str, identity: str) -> tuple[str, bool]:
+    """File name of a shared cache, and whether this process removes it when done.
+
+    Under torchrun with several processes on this node, every local rank of the job gets
+    the same name for the same ``identity`` (store, volumes, layout), so the node holds
+    one copy, filled by whichever rank comes first under the file lock, and local rank 0
+    removes it. The name carries the torchrun agent's pid, so a file a killed job left is
+    swept once the agent is gone. Elsewhere the name is this process's own.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        key = hashlib.sha256(f"{run_id}|{identity}".encode()).hexdigest()[:12]
+        return f"{prefix}{os.getppid()}-{key}.bin", os.environ.get("LOCAL_RANK", "0") == "0"
+    return f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:12]}.bin", True
+
+
+def existing_folder(name: str, folder: str | Path | None = None) -> Path | None:
+    """Where a cache file ``name`` (or its fill lock) already is, among the folders it may go to."""
+    chosen = folder or os.environ.get(CACHE_DIR_ENV)
+    candidates = [Path(chosen)] if chosen else [SHM, Path(tempfile.gettempdir())]
+    for candidate in candidates:
+        if (candidate / name).exists() or (candidate / (name + ".lock")).exists():
+            return candidate
     return None
 
 

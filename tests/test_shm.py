@@ -116,3 +116,30 @@ def test_stream_fallback_when_nowhere_has_room(big_store, monkeypatch):
         ds = HippocampusSliceDataset(big_store, augment=False)
     assert ds.cache == "stream"
     assert np.isfinite(ds[0]["image"].numpy()).all()
+
+
+def test_local_ranks_of_one_torchrun_job_share_one_cache_file(synth_store, monkeypatch):
+    """Under torchrun, the ranks of a node map one RAM cache; local rank 0 alone removes it."""
+    import gc
+
+    from hipseg.dataset import HippocampusSliceDataset
+
+    monkeypatch.delenv(shm.CACHE_DIR_ENV, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test-job")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    rank0 = HippocampusSliceDataset(synth_store, augment=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    rank1 = HippocampusSliceDataset(synth_store, augment=False, rank=1, world_size=2)
+    assert rank0._cache_path == rank1._cache_path
+    first = rank1[0]  # rank 1 happens to fill it
+    filled = os.stat(rank0._cache_path).st_mtime_ns
+    np.testing.assert_array_equal(rank0[0]["label"].numpy(), first["label"].numpy())
+    assert os.stat(rank0._cache_path).st_mtime_ns == filled  # mapped, not filled again
+    path = rank0._cache_path
+    del rank1, first
+    gc.collect()
+    assert os.path.exists(path)
+    del rank0
+    gc.collect()
+    assert not os.path.exists(path)
