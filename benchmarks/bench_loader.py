@@ -10,6 +10,9 @@ elastic deformation on:
 - ``MonaiPeerThroughput``: the same for ``peers_monai`` (CacheDataset + RandFlipd +
   RandRotated + Rand2DElasticd + DataLoader) with the same workers;
 - ``LoaderVsMonai``: the ratios (target: >= 100x per core);
+- ``PlainDataLoaderVsMonai``: ``HippocampusSliceDataset`` under a plain torch
+  ``DataLoader(ds, batch_size, num_workers, shuffle=True)`` (``__getitems__``: one
+  kernel call per batch) ÷ the MONAI peer, same settings (target: >= 100x);
 - ``LoaderOverhead``: training steps/s of the compact U-Net fed by the loader
   divided by steps/s fed prebuilt batches (target: >= 0.97);
 - ``AugmentKernel``: the fused kernel alone, in process.
@@ -173,6 +176,37 @@ def hipseg_stream(
     return iter(loader), loader.close
 
 
+def plain_dataloader_stream(store: Path, workers: int) -> tuple[Iterator[dict], Callable[[], None]]:
+    """The slice dataset as a MONAI or Lightning user plugs it in: a plain DataLoader."""
+    import torch
+
+    from hipseg.dataset import HippocampusSliceDataset
+
+    dataset = HippocampusSliceDataset(store, axis=AXIS, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True,
+                                         num_workers=workers, persistent_workers=workers > 0)
+
+    def batches() -> Iterator[dict]:
+        while True:
+            yield from loader
+
+    stream = batches()
+    return stream, stream.close
+
+
+def measure_plain_dataloader(store: Path, workers: int) -> dict[str, float]:
+    from hipseg.augment import warmup
+
+    warmup()
+    n = sizes()
+    return measure_stream(
+        lambda: plain_dataloader_stream(store, workers),
+        int(n["hipseg_warmup"]),
+        int(n["hipseg_batches"]),
+        n["hipseg_seconds"],
+    )
+
+
 def monai_stream(store: Path, workers: int) -> tuple[Iterator[dict], Callable[[], None]]:
     stream = peers_monai.monai_batches(store, BATCH_SIZE, workers, AXIS)
     return stream, stream.close
@@ -211,35 +245,25 @@ def _model(in_channels: int):
     return build_model("unet", in_channels=in_channels, out_channels=3)
 
 
-def measure_training(store: Path, workers: int = PEER_WORKERS) -> dict[str, float]:
-    """Steps/s of the compact U-Net fed by the loader, and fed the loader's own batches prebuilt.
+def training_overhead(
+    loader: Any, model: Any, device: Any, sizes_: dict[str, float], n_prebuilt: int = 8
+) -> dict[str, float]:
+    """Steps/s of ``model`` fed by ``loader``, and fed the loader's own batches prebuilt.
 
     Chunks of each alternate, so a slow spell on a shared machine hits both; the
     overhead ratio is the median over neighbouring (prebuilt, loader) chunk pairs,
     which one burst of load from elsewhere cannot swing, and steps/s use the sums.
+    Closes the loader.
     """
     import torch
 
-    from hipseg.loader import SliceLoader
     from hipseg.losses import build_loss
 
-    n = sizes()
-    device = torch.device(c.require_device())
-    torch.manual_seed(0)
-    loader = SliceLoader(
-        store,
-        batch_size=BATCH_SIZE,
-        axis=AXIS,
-        num_workers=workers,
-        seed=0,
-        pin_memory=device.type == "cuda",
-    )
     stream = iter(loader)
     prebuilt = [
         {"image": b["image"].clone(), "label": b["label"].clone()}
-        for b in itertools.islice(stream, 8)
+        for b in itertools.islice(stream, n_prebuilt)
     ]
-    model = _model(loader.image_shape[0]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = build_loss("dice_ce")
 
@@ -257,21 +281,38 @@ def measure_training(store: Path, workers: int = PEER_WORKERS) -> dict[str, floa
         return time.perf_counter() - start
 
     cycled = itertools.cycle(prebuilt)
+    warmup, steps, chunks = (int(sizes_[k]) for k in ("train_warmup", "train_steps", "train_chunks"))
     try:
-        run(cycled, int(n["train_warmup"]))
-        run(stream, int(n["train_warmup"]))
-        pairs = [
-            (run(cycled, int(n["train_steps"])), run(stream, int(n["train_steps"])))
-            for _ in range(int(n["train_chunks"]))
-        ]
+        run(cycled, warmup)
+        run(stream, warmup)
+        pairs = [(run(cycled, steps), run(stream, steps)) for _ in range(chunks)]
     finally:
         loader.close()
-    steps = n["train_steps"] * n["train_chunks"]
     return {
-        "steps_per_s_loader": steps / sum(t for _, t in pairs),
-        "steps_per_s_prebuilt": steps / sum(t for t, _ in pairs),
+        "steps_per_s_loader": steps * chunks / sum(t for _, t in pairs),
+        "steps_per_s_prebuilt": steps * chunks / sum(t for t, _ in pairs),
         "overhead_ratio": float(np.median([pre / real for pre, real in pairs])),
     }
+
+
+def measure_training(store: Path, workers: int = PEER_WORKERS) -> dict[str, float]:
+    """The compact U-Net's steps/s with SliceLoader ÷ with prebuilt batches (``training_overhead``)."""
+    import torch
+
+    from hipseg.loader import SliceLoader
+
+    device = torch.device(c.require_device())
+    torch.manual_seed(0)
+    loader = SliceLoader(
+        store,
+        batch_size=BATCH_SIZE,
+        axis=AXIS,
+        num_workers=workers,
+        seed=0,
+        pin_memory=device.type == "cuda",
+    )
+    model = _model(loader.image_shape[0]).to(device)
+    return training_overhead(loader, model, device, sizes())
 
 
 # ---------------------------------------------------------------- asv classes
@@ -405,6 +446,46 @@ class LoaderVsMonai:
     track_ratio_to_monai_wall.unit = "x"  # type: ignore[attr-defined]
 
 
+class PlainDataLoaderVsMonai:
+    """HippocampusSliceDataset in a plain DataLoader ÷ MONAI, same settings (target >= 100x)."""
+
+    timeout = 900.0
+
+    def setup_cache(self) -> dict[str, str]:
+        return _setup_cache()
+
+    setup_cache.timeout = 1800.0  # type: ignore[attr-defined]
+
+    def _results(self, cache: dict) -> tuple[dict, dict]:
+        store = Path(cache["store"])
+        ours = c.measure_once(
+            cache["run"],
+            f"plain-dataloader-{PEER_WORKERS}",
+            lambda: measure_plain_dataloader(store, PEER_WORKERS),
+        )
+        peer = c.measure_once(
+            cache["run"], f"monai-peer-{PEER_WORKERS}", lambda: measure_monai(store, PEER_WORKERS)
+        )
+        return ours, peer
+
+    def track_slices_per_s(self, cache: dict) -> float:
+        return self._results(cache)[0]["slices_per_s"]
+
+    track_slices_per_s.unit = "slices/s"  # type: ignore[attr-defined]
+
+    def track_ratio_to_monai_wall(self, cache: dict) -> float:
+        ours, peer = self._results(cache)
+        return ours["slices_per_s"] / peer["slices_per_s"]
+
+    track_ratio_to_monai_wall.unit = "x"  # type: ignore[attr-defined]
+
+    def track_ratio_to_monai_per_core(self, cache: dict) -> float:
+        ours, peer = self._results(cache)
+        return ours["slices_per_cpu_s"] / peer["slices_per_cpu_s"]
+
+    track_ratio_to_monai_per_core.unit = "x"  # type: ignore[attr-defined]
+
+
 class LoaderOverhead:
     """Compact U-Net steps/s with the real loader ÷ with prebuilt batches (target >= 0.97).
 
@@ -481,6 +562,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-monai", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--plain-dataloader", action="store_true",
+                        help="also the slice dataset under a plain torch DataLoader")
     args = parser.parse_args(argv)
     if args.quick:
         os.environ[c.QUICK_ENV] = "1"
@@ -515,6 +598,18 @@ def main(argv: list[str] | None = None) -> None:
             f"ratio hipseg/MONAI per core: {per_core:.0f}x   wall: {wall:.0f}x   "
             "(target >= 100x per core)"
         )
+    if args.plain_dataloader:
+        plain = measure_plain_dataloader(store, PEER_WORKERS)
+        print(
+            f"plain DataLoader workers={PEER_WORKERS}: {plain['slices_per_s']:9.0f} slices/s  "
+            f"{plain['slices_per_cpu_s']:9.0f} slices/CPU-s  (CPU busy {plain['cpu_busy']:.2f})"
+        )
+        if not args.skip_monai:
+            print(
+                f"ratio plain DataLoader/MONAI: wall {plain['slices_per_s'] / peer['slices_per_s']:.0f}x"
+                f"   per core {plain['slices_per_cpu_s'] / peer['slices_per_cpu_s']:.0f}x "
+                "(target >= 100x)"
+            )
     if not args.skip_training:
         t = measure_training(store)
         print(

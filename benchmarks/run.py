@@ -39,11 +39,17 @@ HEADLINE_PANELS = (
     "training steps/s ÷ T4 baseline (1000 steps/h)",
     "loader ÷ MONAI CacheDataset, slices/s per core",
     "loader overhead (real loader ÷ prebuilt batches)",
+    "3D patches: hipseg ÷ peer, patches/s per core",
+    "plain torch DataLoader ÷ MONAI CacheDataset, slices/s",
+    "unet3d loader overhead (PatchLoader ÷ prebuilt batches)",
 )
 HEADLINE_PATTERNS = (
     (HEADLINE_PANELS[0], r"\.track_ratio_to_t4_baseline$"),
     (HEADLINE_PANELS[1], r"^bench_loader\.LoaderVsMonai\.track_ratio_to_monai_per_core$"),
     (HEADLINE_PANELS[2], r"^bench_loader\.LoaderOverhead\.track_overhead_ratio$"),
+    (HEADLINE_PANELS[3], r"^bench_patches\.PatchVsPeers\.track_ratio_per_core$"),
+    (HEADLINE_PANELS[4], r"^bench_loader\.PlainDataLoaderVsMonai\.track_ratio_to_monai_wall$"),
+    (HEADLINE_PANELS[5], r"^bench_patches\.PatchTrainingOverhead\.track_overhead_ratio$"),
 )
 
 

@@ -7,7 +7,8 @@ __version__ = "0.1.0"
 from hipseg.errors import HipsegError
 from hipseg.store import HippocampusStore, open_store
 
-__all__ = ["HipsegError", "HippocampusStore", "open_store", "HippocampusSliceDataset", "convert"]
+__all__ = ["HipsegError", "HippocampusStore", "open_store", "HippocampusSliceDataset",
+           "HippocampusPatchDataset", "convert"]
 
 
 def __getattr__(name: str):
@@ -16,6 +17,10 @@ def __getattr__(name: str):
         from hipseg.dataset import HippocampusSliceDataset
 
         return HippocampusSliceDataset
+    if name == "HippocampusPatchDataset":
+        from hipseg.patches import HippocampusPatchDataset
+
+        return HippocampusPatchDataset
     if name == "convert":
         from hipseg.convert import convert
 

@@ -95,12 +95,15 @@ class TrainConfig:
                 f"{self.weight_decay}, {self.warmup}")
         if self.augment_options:
             from hipseg.augment import AugmentConfig
+            from hipseg.augment3d import PatchAugmentConfig
 
-            known = {f.name for f in dataclasses.fields(AugmentConfig)}
+            # 3D patches take the slice options plus isotropic scaling.
+            kind = PatchAugmentConfig if spatial_dims(self.model) == 3 else AugmentConfig
+            known = {f.name for f in dataclasses.fields(kind)}
             if set(self.augment_options) - known:
                 bad(f"unknown augment option(s) {sorted(set(self.augment_options) - known)}; "
                     f"known: {sorted(known)}")
-            AugmentConfig(**self.augment_options)
+            kind(**self.augment_options)
         if not 0.0 <= self.foreground_fraction <= 1.0:
             bad(f"foreground_fraction must be within 0..1, got {self.foreground_fraction}")
         if (self.num_workers is not None and self.num_workers < 0) or (

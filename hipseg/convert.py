@@ -109,7 +109,7 @@ def convert_block(
     """
     images = np.zeros((len(entries), *roi_shape), dtype=store.IMAGE_DTYPE)
     labels = np.zeros((len(entries), *roi_shape), dtype=store.LABEL_DTYPE)
-    volumes, counts = [], []
+    volumes, counts, foreground = [], [], []
     for i, entry in enumerate(entries):
         case = load_case(entry["image"], entry["label"], len(class_names))
         normalised, lo, hi = normalise_intensity(case.image)
@@ -119,6 +119,7 @@ def convert_block(
         counts.append(
             {axis: c.tolist() for axis, c in store.slice_counts(labels[i], len(class_names)).items()}
         )
+        foreground.append(store.foreground_samples(labels[i], len(class_names)).tolist())
         volumes.append(
             {
                 "case_id": case.case_id,
@@ -138,9 +139,8 @@ def convert_block(
         )
     group = storage.open_group(target or storage.join(work, STORE), "r+", storage_options)
     store.write_block(group, start, images, labels)
-    storage.write_json(
-        _block_record(work, start), {"volumes": volumes, "counts": counts}, storage_options
-    )
+    record = {"volumes": volumes, "counts": counts, "foreground": foreground}
+    storage.write_json(_block_record(work, start), record, storage_options)
     return start
 
 
@@ -282,15 +282,24 @@ def _plan(sources, class_names, roi, margin, runner, strict, fingerprint) -> dic
 
 
 def _finalise(work: str, plan: dict, shard: int, source: str, target: str, options: dict) -> None:
-    volumes, per_axis = [], {axis: [] for axis in store.AXIS_NAMES}
+    volumes, per_axis, foreground = [], {axis: [] for axis in store.AXIS_NAMES}, []
+    group = storage.open_group(target, "r+", options)
     for start in range(0, len(plan["entries"]), shard):
         block = storage.read_json(_block_record(work, start), options)
         volumes.extend(block["volumes"])
+        if "foreground" in block:
+            foreground.extend(np.asarray(f, np.int32).reshape(-1, 4) for f in block["foreground"])
+        else:  # a block recorded by a hipseg before the foreground table: read its labels back
+            n_classes = len(plan["class_names"])
+            foreground.extend(
+                store.foreground_samples(np.asarray(group[store.LABELS][v]), n_classes)
+                for v in range(start, start + len(block["volumes"]))
+            )
         for counts in block["counts"]:
             for axis in store.AXIS_NAMES:
                 per_axis[axis].append(np.asarray(counts[axis], dtype=np.int32))
-    group = storage.open_group(target, "r+", options)
     store.write_slice_tables(group, {axis: store.build_slice_table(c) for axis, c in per_axis.items()})
+    store.write_foreground_table(group, store.build_foreground_table(foreground))
     info = store.StoreInfo(
         format_version=store.FORMAT_VERSION,
         class_names=tuple(plan["class_names"]),

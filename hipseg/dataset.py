@@ -39,7 +39,14 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from hipseg.augment import AugmentConfig, SliceAugmenter, left_right_flip_mask, resolve_config
+from hipseg.augment import (
+    AugmentConfig,
+    AugmentParams,
+    SliceAugmenter,
+    left_right_flip_mask,
+    resolve_config,
+    warmup,
+)
 from hipseg.errors import ConfigError
 from hipseg.sampler import (
     _TAG_ITEM,
@@ -244,6 +251,67 @@ class _StreamVolumes:
         return images, labels, slot_of[remapped]
 
 
+class _VolumeSourceMixin:
+    """The dataset's volumes (RAM cache or stream), opened lazily in each process.
+
+    Shared by the slice and patch datasets; the RAM cache file belongs to the process
+    that built the dataset, which alone removes it.
+    """
+
+    def _init_source(
+        self,
+        cache: str,
+        store_path: str,
+        store_volumes: np.ndarray,
+        roi: tuple,
+        axes: tuple,
+        storage_options: dict | None = None,
+        cache_dir: str | None = None,
+    ) -> str:
+        """Choose the volume source; returns the cache in effect ('ram' falls back to 'stream'
+        when no folder has room for it)."""
+        if cache not in CACHES:
+            raise ConfigError(f"cache must be one of {CACHES}, got {cache!r}")
+        self._source_args = (store_path, store_volumes, roi, axes)
+        self._source_options = storage_options
+        if cache == "ram":
+            identity = f"{store_path}|{store_volumes.tolist()}|{axes}|{roi}"
+            name, owner = cache_name(_CACHE_PREFIX, identity)
+            nbytes = 3 * len(axes) * store_volumes.size * int(np.prod(roi))
+            folder = existing_folder(name, cache_dir) or cache_folder(
+                nbytes, f"RAM cache of {store_volumes.size} volumes", cache_dir)
+            if folder is None:
+                cache = "stream"
+        if cache == "ram":
+            _sweep_stale_caches(folder)
+            path = str(folder / name)
+            self._cache_path = path
+            # Forked workers and the other local ranks never remove it: the owner alone does.
+            self._finalizer = weakref.finalize(self, _remove_cache, path,
+                                               os.getpid() if owner else -1)
+        self._cache_kind = cache
+        self._source: Any = None
+        self._source_pid = -1
+        return cache
+
+    def _volumes(self) -> Any:
+        if self._source is None or self._source_pid != os.getpid():
+            if self._cache_kind == "ram":
+                self._source = _RamVolumes(*self._source_args, self._cache_path,
+                                           self._source_options)
+            else:
+                self._source = _StreamVolumes(*self._source_args,
+                                              storage_options=self._source_options)
+            self._source_pid = os.getpid()
+        return self._source
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_source"], state["_source_pid"] = None, -1
+        state.pop("_finalizer", None)  # the owner alone removes the cache file
+        return state
+
+
 def axis_geometry(roi: Sequence[int], axes: Sequence[str]) -> tuple[np.ndarray, tuple[int, int]]:
     """Kernel geometry of slice-major volumes per axis, and the common (H, W) canvas.
 
@@ -271,7 +339,7 @@ def _resolve_axes(axis: str | Sequence[str]) -> tuple[str, ...]:
     return axes
 
 
-class HippocampusSliceDataset(torch.utils.data.Dataset):
+class HippocampusSliceDataset(_VolumeSourceMixin, torch.utils.data.Dataset):
     """Augmented slices of a converted store, as MONAI-style dicts.
 
     Parameters
@@ -354,23 +422,8 @@ class HippocampusSliceDataset(torch.utils.data.Dataset):
         self.flip_mask = left_right_flip_mask(self.axes)
         self.augmenter = SliceAugmenter(self.augment_config, self.canvas, parallel=parallel)
         self.vol_size = int(np.prod(self.roi))
-        if cache == "ram":
-            identity = f"{self.store_path}|{self.index.store_volumes.tolist()}|{self.axes}|{self.roi}"
-            name, owner = cache_name(_CACHE_PREFIX, identity)
-            nbytes = 3 * len(self.axes) * self.index.store_volumes.size * self.vol_size
-            folder = existing_folder(name, cache_dir) or cache_folder(
-                nbytes, f"RAM cache of {self.index.store_volumes.size} volumes", cache_dir)
-            if folder is None:
-                self.cache = cache = "stream"
-        if cache == "ram":
-            _sweep_stale_caches(folder)
-            path = str(folder / name)
-            self._cache_path = path
-            # Forked workers and the other local ranks never remove it: the owner alone does.
-            self._finalizer = weakref.finalize(self, _remove_cache, path,
-                                               os.getpid() if owner else -1)
-        self._source: Any = None
-        self._source_pid = -1
+        self.cache = self._init_source(cache, self.store_path, self.index.store_volumes, self.roi,
+                                       self.axes, self.storage_options, cache_dir)
 
     # -- shape declarations ---------------------------------------------------------
     @property
@@ -403,43 +456,27 @@ class HippocampusSliceDataset(torch.utils.data.Dataset):
             start_batch,
         )
 
-    # -- volume source, opened lazily per process ---------------------------------
-    def _volumes(self) -> Any:
-        if self._source is None or self._source_pid != os.getpid():
-            if self.cache == "ram":
-                self._source = _RamVolumes(
-                    self.store_path, self.index.store_volumes, self.roi, self.axes, self._cache_path,
-                    self.storage_options,
-                )
-            else:
-                self._source = _StreamVolumes(
-                    self.store_path, self.index.store_volumes, self.roi, self.axes,
-                    storage_options=self.storage_options,
-                )
-            self._source_pid = os.getpid()
-        return self._source
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_source"], state["_source_pid"] = None, -1
-        state.pop("_finalizer", None)  # the owner alone removes the cache file
-        return state
-
     # -- building samples -------------------------------------------------------------
     def render(
         self,
         rows: np.ndarray,
-        rng: np.random.Generator,
+        rng: np.random.Generator | AugmentParams,
         out_image: np.ndarray,
         out_label: np.ndarray,
     ) -> None:
-        """Fill preallocated (B, C, H, W) / (B, 1, H, W) buffers with the rows, augmented."""
+        """Fill preallocated (B, C, H, W) / (B, 1, H, W) buffers with the rows, augmented.
+
+        ``rng`` draws the batch's parameters, or is them already drawn (``__getitems__``).
+        """
         axis_ids = self.index.axis[rows]
         images, labels, local = self._volumes().prepare(
             self.index.volume[rows].astype(np.int64), axis_ids
         )
         kernel_rows = np.stack([local, self.index.slice[rows], axis_ids], axis=1).astype(np.int64)
-        params = self.augmenter.draw(rng, rows.size, self.flip_mask[axis_ids])
+        if isinstance(rng, AugmentParams):
+            params = rng
+        else:
+            params = self.augmenter.draw(rng, rows.size, self.flip_mask[axis_ids])
         self.augmenter.apply(
             images,
             labels,
@@ -452,34 +489,77 @@ class HippocampusSliceDataset(torch.utils.data.Dataset):
             out_label,
         )
 
-    def make_batch(self, rows: np.ndarray, rng: np.random.Generator) -> dict:
+    def batch_meta(self, rows: np.ndarray, rendered: object = None) -> dict:
+        """Plain-Python metadata of a batch (what loader workers send back)."""
+        index = self.index
+        return {
+            "case_id": [index.case_ids[v] for v in index.volume[rows].tolist()],
+            "axis": [self.axes[a] for a in index.axis[rows].tolist()],
+            "slice": index.slice[rows].tolist(),
+        }
+
+    @staticmethod
+    def finish_meta(meta: dict) -> dict:
+        return {
+            "case_id": meta["case_id"],
+            "axis": meta["axis"],
+            "slice": torch.tensor(meta["slice"], dtype=torch.int64),
+        }
+
+    def warmup(self) -> None:
+        warmup()
+
+    def make_batch(self, rows: np.ndarray, rng: np.random.Generator | AugmentParams) -> dict:
         """One batch dict from row indices, augmented with parameters drawn from ``rng``."""
         B = int(rows.size)
         image = torch.empty((B, *self.image_shape), dtype=torch.float32)
         label = torch.empty((B, 1, *self.canvas), dtype=torch.int64)
         self.render(rows, rng, image.numpy(), label.numpy())
-        return {
-            "image": image,
-            "label": label,
-            "case_id": [self.index.case_ids[v] for v in self.index.volume[rows].tolist()],
-            "axis": [self.axes[a] for a in self.index.axis[rows].tolist()],
-            "slice": torch.from_numpy(self.index.slice[rows].astype(np.int64)),
-        }
+        return {"image": image, "label": label, **self.finish_meta(self.batch_meta(rows))}
+
+    def _rows(self, indices: Sequence[int]) -> np.ndarray:
+        n = len(self)
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        bad = rows[(rows < -n) | (rows >= n)]
+        if bad.size:
+            raise IndexError(f"slice {int(bad[0])} out of range for a dataset of {n} slices")
+        return rows % n
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """``[self[i] for i in indices]`` with one kernel call (torch's batched-fetch protocol).
+
+        Each sample's parameters are drawn from its own (seed, rank, epoch, i)
+        generator, so the results equal item-by-item access; the samples are views
+        into one batch tensor, and torch's default collate stacks them.
+        """
+        rows = self._rows(indices)
+        axis_ids = self.index.axis[rows]
+        params = AugmentParams.concat(
+            [
+                self.augmenter.draw(
+                    _rng(self.seed, _TAG_ITEM, self.rank, self.epoch, int(i)),
+                    1,
+                    self.flip_mask[axis_ids[j : j + 1]],
+                )
+                for j, i in enumerate(rows.tolist())
+            ]
+        )
+        B = int(rows.size)
+        image = torch.empty((B, *self.image_shape), dtype=torch.float32)
+        label = torch.empty((B, 1, *self.canvas), dtype=torch.int64)
+        self.render(rows, params, image.numpy(), label.numpy())
+        meta = self.batch_meta(rows)
+        # unbind: one call for all views, cheaper than B tensor indexings.
+        return [
+            {"image": im, "label": lb, "case_id": case, "axis": axis, "slice": s}
+            for im, lb, case, axis, s in zip(
+                image.unbind(0), label.unbind(0), meta["case_id"], meta["axis"], meta["slice"],
+                strict=True,
+            )
+        ]
 
     def __getitem__(self, i: int) -> dict:
-        n = len(self)
-        if not -n <= int(i) < n:
-            raise IndexError(f"slice {i} out of range for a dataset of {n} slices")
-        i = int(i) % n
-        rng = _rng(self.seed, _TAG_ITEM, self.rank, self.epoch, i)
-        batch = self.make_batch(np.array([i], np.int64), rng)
-        return {
-            "image": batch["image"][0],
-            "label": batch["label"][0],
-            "case_id": batch["case_id"][0],
-            "axis": batch["axis"][0],
-            "slice": int(batch["slice"][0]),
-        }
+        return self.__getitems__([i])[0]
 
     def __repr__(self) -> str:
         return (

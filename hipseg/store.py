@@ -7,6 +7,7 @@ A store is a Zarr v3 group (readable with plain ``zarr.open``)::
     slices/sagittal   int32   (M, 2 + K)    (volume, slice, voxels of class 1..K) per slice
     slices/coronal    int32   ...
     slices/axial      int32   ...
+    foreground        int32   (F, 5)        (volume, class, x, y, z) sample of labelled voxels
 
 Volumes are in the canonical RAS+ orientation, so array axis 0 runs left to right
 (sagittal slices), axis 1 posterior to anterior (coronal) and axis 2 inferior to
@@ -34,6 +35,10 @@ AXIS_NAMES: tuple[str, ...] = ("sagittal", "coronal", "axial")
 IMAGES = "images"
 LABELS = "labels"
 SLICES = "slices"
+FOREGROUND = "foreground"
+# Labelled voxels recorded per class and volume for foreground-centred patches (nnU-Net keeps
+# a sample of class locations the same way); evenly spaced in C order, so they span the class.
+FOREGROUND_PER_CLASS = 64
 IMAGE_DTYPE = np.dtype("float16")
 LABEL_DTYPE = np.dtype("uint8")
 NORMALISATION = {
@@ -128,6 +133,44 @@ def write_slice_tables(group: zarr.Group, tables: dict[str, np.ndarray]) -> None
             chunks=(max(1, table.shape[0]), table.shape[1]),
             overwrite=True,
         )
+
+
+def foreground_samples(
+    label_crop: np.ndarray, n_classes: int, per_class: int = FOREGROUND_PER_CLASS
+) -> np.ndarray:
+    """Up to ``per_class`` voxels of each foreground class of a crop: int32 (n, 4) (class, x, y, z).
+
+    Evenly spaced through the class's voxels in C order (deterministic, no random
+    state), so the sample spans the structure from one end to the other.
+    """
+    rows = []
+    flat = label_crop.reshape(-1)
+    for c in range(1, n_classes):
+        where = np.flatnonzero(flat == c)
+        if where.size == 0:
+            continue
+        pick = where[np.unique(np.linspace(0, where.size - 1, min(per_class, where.size)).astype(np.int64))]
+        coords = np.stack(np.unravel_index(pick, label_crop.shape), axis=1)
+        rows.append(np.concatenate([np.full((pick.size, 1), c), coords], axis=1))
+    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+
+
+def build_foreground_table(per_volume: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack per-volume (n, 4) samples into one int32 (F, 5) table of (volume, class, x, y, z)."""
+    rows = [
+        np.concatenate([np.full((len(s), 1), v, np.int32), np.asarray(s, np.int32).reshape(-1, 4)], axis=1)
+        for v, s in enumerate(per_volume)
+    ]
+    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 5), np.int32)
+
+
+def write_foreground_table(group: zarr.Group, table: np.ndarray) -> None:
+    group.create_array(
+        FOREGROUND,
+        data=np.ascontiguousarray(table, dtype=np.int32).reshape(-1, 5),
+        chunks=(max(1, table.shape[0]), 5),
+        overwrite=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -242,6 +285,19 @@ class HippocampusStore:
     def slice_table(self, axis: str) -> np.ndarray:
         axis_index(axis)
         return np.asarray(self.group[f"{SLICES}/{axis}"][...])
+
+    def foreground_table(self) -> np.ndarray:
+        """int32 (F, 5) rows (volume, class, x, y, z): a sample of each volume's labelled voxels.
+
+        Stores written before the table existed (it is optional within format
+        version 1) get it computed here from the labels, once per open.
+        """
+        if FOREGROUND in self.group:
+            return np.asarray(self.group[FOREGROUND][...])
+        labels = self.labels
+        return build_foreground_table(
+            [foreground_samples(np.asarray(labels[v]), len(self.class_names)) for v in range(self.n_volumes)]
+        )
 
     def slice_shape(self, axis: str) -> tuple[int, int]:
         """In-plane (H, W) of slices along ``axis``: the ROI shape without that axis."""

@@ -118,36 +118,26 @@ def _slice_batches(store: HippocampusStore, config: TrainConfig, cases: list[str
     return iter(loader), loader
 
 
-def _volume_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig,
-                    start: int, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
-    """Batches of whole ROI crops for the 3D model; batch k is a pure function of (seed, rank, k).
+def _patch_batches(store: HippocampusStore, config: TrainConfig, cases: list[str], start: int,
+                   pin_memory: bool = False, rank: int = 0,
+                   world_size: int = 1) -> tuple[Iterator[dict], Any]:
+    """Whole ROI crops for the 3D model from ``PatchLoader``; batch k a pure function of (seed, rank, k).
 
-    Augmentation follows ``config.augment_options`` (an AugmentConfig) where it applies
-    to whole crops: the left-right flip (array axis 0 of a RAS crop; anterior/posterior
-    are never flipped) and, only when asked for, intensity scale and shift. Rotation and
-    elastic deformation are 2D kernels and are not applied to the 3D model's crops.
+    Augmentation follows ``config.augment_options`` (a PatchAugmentConfig): left-right
+    flip, rotation about the three axes and the elastic field by default, scaling and
+    intensity changes only when asked for; built in loader workers as for slices.
     """
-    from hipseg.augment import AugmentConfig
+    from hipseg.augment3d import PatchAugmentConfig
+    from hipseg.loader import PatchLoader
 
-    augment = AugmentConfig(**config.augment_options) if config.augment else AugmentConfig.none()
-    step = start
-    while True:
-        # One process keeps the stream it always had; rank r of N draws its own.
-        key = [config.seed, 3, step] if world_size == 1 else [config.seed, 3, step, rank, world_size]
-        rng = np.random.default_rng(key)
-        pick = rng.integers(0, images.shape[0], config.batch_size)
-        image = images[pick].astype(np.float32)
-        label = labels[pick].astype(np.int64)
-        flip = rng.random(config.batch_size) < augment.flip
-        image[flip] = image[flip][:, ::-1]
-        label[flip] = label[flip][:, ::-1]
-        shape = (config.batch_size, 1, 1, 1)
-        scale = 1.0 + rng.uniform(-augment.intensity_scale, augment.intensity_scale, shape)
-        shift = rng.uniform(-augment.intensity_shift, augment.intensity_shift, shape)
-        image = image * scale.astype(np.float32) + shift.astype(np.float32)
-        yield {"image": torch.from_numpy(np.ascontiguousarray(image[:, None])),
-               "label": torch.from_numpy(np.ascontiguousarray(label[:, None]))}
-        step += 1
+    augment = PatchAugmentConfig(**config.augment_options) if config.augment else False
+    loader = PatchLoader(
+        store, batch_size=config.batch_size, augment=augment, cases=cases, seed=config.seed,
+        num_workers=default_workers() if config.num_workers is None else config.num_workers,
+        mode="infinite", start_batch=start, pin_memory=pin_memory, rank=rank,
+        world_size=world_size, storage_options=store.storage_options or None,
+    )
+    return iter(loader), loader
 
 
 # ---------------------------------------------------------------- validation and logging
@@ -330,15 +320,10 @@ def _train(config: TrainConfig, store: HippocampusStore, context: distributed.Co
     if main:  # validation runs once, on rank 0
         val_images = np.stack([store.read_volume(index[c])[0] for c in val_cases])
         val_labels = np.stack([store.read_volume(index[c])[1] for c in val_cases])
-    loader = None
-    if meta["spatial_dims"] == 3:
-        picked = [index[c] for c in train_cases]
-        batches = _volume_batches(store.images.oindex[picked], store.labels.oindex[picked],
-                                  config, state["step"], context.rank, context.world_size)
-    else:
-        batches, loader = _slice_batches(store, config, train_cases, state["step"],
-                                         pin_memory=device.type == "cuda", rank=context.rank,
-                                         world_size=context.world_size)
+    make_batches = _patch_batches if meta["spatial_dims"] == 3 else _slice_batches
+    batches, loader = make_batches(store, config, train_cases, state["step"],
+                                   pin_memory=device.type == "cuda", rank=context.rank,
+                                   world_size=context.world_size)
 
     budget_s = None if config.max_minutes is None else 60.0 * config.max_minutes
     started, first_step, elapsed_before = time.perf_counter(), state["step"], state["elapsed_s"]

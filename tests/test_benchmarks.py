@@ -279,3 +279,30 @@ def test_conversion_to_the_loopback_object_store_is_measured(synth_dataset):
 
     result = measure_convert_target(synth_dataset, "s3-loopback", 1)
     assert result["volumes"] == 12 and result["volumes_per_s"] > 0
+
+
+def test_3d_peers_yield_augmented_whole_crops(bench_env):
+    """MONAI and batchgeneratorsv2 peers: 5D batches of the store's crops, labels in the classes."""
+    pytest.importorskip("batchgeneratorsv2")
+    from benchmarks import peers_3d
+    from benchmarks.bench_loader import bench_store
+    from hipseg.store import open_store
+
+    store = bench_store()
+    roi = open_store(store).roi_shape
+    for make in (peers_3d.monai_loader, peers_3d.bgv2_loader):
+        batch = next(iter(make(store, batch_size=2, num_workers=0)))
+        assert tuple(batch["image"].shape) == (2, 1, *roi)
+        assert tuple(batch["label"].shape) == (2, 1, *roi)
+        assert set(np.unique(np.asarray(batch["label"])).tolist()) <= {0, 1, 2}
+
+
+def test_patch_measurement_counts_patches(bench_env):
+    from benchmarks import bench_patches
+    from benchmarks.bench_loader import bench_store
+
+    result = bench_patches.measure("hipseg-dataloader", bench_store(), workers=0)
+    assert result["patches_per_s"] > 0 and result["patches_per_cpu_s"] > 0
+    assert run.headline_of(bench_patches.PatchVsPeers, "track_ratio_per_core") == run.HEADLINE_PANELS[3]
+    assert (run.headline_of(bench_patches.PatchTrainingOverhead, "track_overhead_ratio")
+            == run.HEADLINE_PANELS[5])

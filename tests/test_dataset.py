@@ -179,3 +179,31 @@ def test_only_the_left_right_axis_is_ever_flipped(synth_store, axis):
         a, b = flipped[index]["image"][0].numpy(), plain[index]["image"][0].numpy()
         expected = b if axis == "sagittal" else b[::-1, :]  # H is left-right for axial and coronal
         np.testing.assert_array_equal(a, expected)
+
+
+@pytest.mark.parametrize("context", [0, 1])
+def test_getitems_equals_item_by_item(synth_store, context):
+    ds = HippocampusSliceDataset(synth_store, axis=["axial", "sagittal"], context=context, seed=3)
+    ds.set_epoch(2)
+    indices = [5, 0, len(ds) - 1, 5, -2]
+    batch = ds.__getitems__(indices)
+    for i, got in zip(indices, batch, strict=True):
+        want = ds[i]
+        assert set(got) == set(want)
+        torch.testing.assert_close(got["image"], want["image"], rtol=0, atol=0)
+        torch.testing.assert_close(got["label"], want["label"], rtol=0, atol=0)
+        assert (got["case_id"], got["axis"], got["slice"]) == (
+            want["case_id"], want["axis"], want["slice"])
+    with pytest.raises(IndexError):
+        ds.__getitems__([0, len(ds)])
+
+
+def test_plain_dataloader_batches_equal_items(synth_store):
+    """DataLoader with a batch sampler calls __getitems__; default collate stacks the views."""
+    ds = HippocampusSliceDataset(synth_store, axis="axial", seed=1)
+    loader = DataLoader(ds, batch_size=4, shuffle=False, num_workers=0)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, *ds.image_shape)
+    want = torch.stack([ds[i]["image"] for i in range(4)])
+    torch.testing.assert_close(batch["image"], want, rtol=0, atol=0)
+    assert batch["case_id"] == [ds[i]["case_id"] for i in range(4)]

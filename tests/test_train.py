@@ -286,16 +286,18 @@ def test_kill_9_then_resume_ends_where_an_uninterrupted_run_ends(synth_store, tm
 
 
 @pytest.mark.parametrize("augment", [False, True])
-def test_3d_batches_are_crops_or_their_left_right_mirror_and_keep_intensities(synth_store, tmp_path,
-                                                                              augment):
+def test_3d_flip_only_batches_are_crops_or_their_left_right_mirror(synth_store, tmp_path, augment):
     """No intensity change unless asked for, and only the left-right axis is ever flipped."""
-    from hipseg.train import _volume_batches
+    from hipseg.train import _patch_batches
 
-    images, labels = open_store(synth_store).read_all()
+    store = open_store(synth_store)
+    images, labels = store.read_all()
     images = images.astype(np.float32)
-    config = tiny_config(synth_store, tmp_path / "r", model="unet3d", augment=augment)
+    config = tiny_config(synth_store, tmp_path / "r", model="unet3d", augment=augment,
+                         augment_options={"rotate_degrees": 0.0, "elastic_alpha": 0.0})
+    batches, loader = _patch_batches(store, config, store.case_ids, 0)
     flipped = 0
-    for batch in itertools.islice(_volume_batches(images, labels, config, 0), 4):
+    for batch in itertools.islice(batches, 4):
         for image, label in zip(batch["image"][:, 0].numpy(), batch["label"][:, 0].numpy()):
             match = [i for i in range(len(images)) if np.array_equal(image, images[i])
                      or np.array_equal(image, images[i][::-1])]
@@ -304,4 +306,23 @@ def test_3d_batches_are_crops_or_their_left_right_mirror_and_keep_intensities(sy
             is_flipped = not np.array_equal(image, images[i])
             np.testing.assert_array_equal(label, labels[i][::-1] if is_flipped else labels[i])
             flipped += is_flipped
+    loader.close()
     assert (flipped > 0) == augment
+
+
+def test_3d_batches_rotate_and_deform_by_default(synth_store, tmp_path):
+    from hipseg.train import _patch_batches
+
+    store = open_store(synth_store)
+    images = store.read_all()[0].astype(np.float32)
+    config = tiny_config(synth_store, tmp_path / "r", model="unet3d")
+    batches, loader = _patch_batches(store, config, store.case_ids, 0)
+    batch = next(batches)
+    loader.close()
+    assert batch["image"].shape == (config.batch_size, 1, *store.roi_shape)
+    assert set(batch["label"].unique().tolist()) <= {0, 1, 2}
+    for image in batch["image"][:, 0].numpy():
+        assert not any(np.array_equal(image, c) or np.array_equal(image, c[::-1]) for c in images)
+    with pytest.raises(ConfigError, match="augment"):
+        tiny_config(synth_store, tmp_path / "r2", augment_options={"scale": 0.1})
+    tiny_config(synth_store, tmp_path / "r3", model="unet3d", augment_options={"scale": 0.1})
