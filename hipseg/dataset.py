@@ -53,12 +53,12 @@ from hipseg.sampler import (
     SamplerConfig,
     SliceIndex,
     SliceSampler,
-    _rng,
     build_index,
     select_volumes,
 )
 from hipseg.shm import allocate, cache_folder, cache_name, existing_folder
 from hipseg.store import AXIS_NAMES, HippocampusStore, open_store
+from hipseg.streams import SampleStreams, sample_keys
 
 CACHES = ("ram", "stream")
 STREAM_CACHE_BYTES = 256 << 20  # per worker: recently read volumes kept decoded
@@ -528,22 +528,15 @@ class HippocampusSliceDataset(_VolumeSourceMixin, torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         """``[self[i] for i in indices]`` with one kernel call (torch's batched-fetch protocol).
 
-        Each sample's parameters are drawn from its own (seed, rank, epoch, i)
-        generator, so the results equal item-by-item access; the samples are views
+        Each sample's parameters come from its own (seed, rank, epoch, i) stream
+        (:class:`hipseg.streams.SampleStreams`, drawn for the whole batch at once), so the
+        results equal item-by-item access; the samples are views
         into one batch tensor, and torch's default collate stacks them.
         """
         rows = self._rows(indices)
         axis_ids = self.index.axis[rows]
-        params = AugmentParams.concat(
-            [
-                self.augmenter.draw(
-                    _rng(self.seed, _TAG_ITEM, self.rank, self.epoch, int(i)),
-                    1,
-                    self.flip_mask[axis_ids[j : j + 1]],
-                )
-                for j, i in enumerate(rows.tolist())
-            ]
-        )
+        streams = SampleStreams(sample_keys((self.seed, _TAG_ITEM, self.rank, self.epoch), rows))
+        params = self.augmenter.draw(streams, rows.size, self.flip_mask[axis_ids])
         B = int(rows.size)
         image = torch.empty((B, *self.image_shape), dtype=torch.float32)
         label = torch.empty((B, 1, *self.canvas), dtype=torch.int64)

@@ -27,6 +27,7 @@ from hipseg.dataset import _VolumeSourceMixin
 from hipseg.errors import ConfigError
 from hipseg.sampler import MODES, _rng, select_volumes
 from hipseg.store import HippocampusStore, open_store
+from hipseg.streams import SampleStreams, sample_keys
 
 # Tags that keep patch streams apart from the slice streams (hipseg.sampler uses 1-4).
 _TAG_PATCH_ITEM, _TAG_PATCH_PERMUTATION, _TAG_PATCH_INFINITE, _TAG_PATCH_EPOCH = 11, 12, 13, 14
@@ -262,7 +263,8 @@ class HippocampusPatchDataset(_VolumeSourceMixin, torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         """``[self[i] for i in indices]`` with one kernel call (torch's batched-fetch protocol).
 
-        Each sample draws from its own (seed, rank, epoch, i) generator, so the
+        Each sample draws from its own (seed, rank, epoch, i) stream (one
+        :class:`hipseg.streams.SampleStreams` for the batch), so the
         results equal item-by-item access; samples are views into one batch tensor.
         """
         n = len(self)
@@ -271,10 +273,8 @@ class HippocampusPatchDataset(_VolumeSourceMixin, torch.utils.data.Dataset):
         if bad.size:
             raise IndexError(f"volume {int(bad[0])} out of range for a dataset of {n} volumes")
         rows = rows % n
-        drawn = [self.draw(rows[j : j + 1], _rng(self.seed, _TAG_PATCH_ITEM, self.rank, self.epoch, int(i)))
-                 for j, i in enumerate(rows.tolist())]
-        origins = np.concatenate([o for o, _ in drawn])
-        batch = self.make_batch(rows, (origins, PatchParams.concat([p for _, p in drawn])))
+        streams = SampleStreams(sample_keys((self.seed, _TAG_PATCH_ITEM, self.rank, self.epoch), rows))
+        batch = self.make_batch(rows, self.draw(rows, streams))
         return [{"image": batch["image"][j], "label": batch["label"][j], "case_id": batch["case_id"][j],
                  "origin": batch["origin"][j]} for j in range(rows.size)]
 
