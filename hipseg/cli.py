@@ -26,6 +26,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             storage_options=_storage_options(args),
+            label_map=args.label_map,
         )
     except SkippedCasesError as error:
         report = getattr(error, "report", None)
@@ -217,13 +218,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
     )
-    volume_keys = [k for k in rows[0] if k.endswith("_mm3") and k != "voxel_mm3"]
+    volume_keys = list(dict.fromkeys(k for row in rows for k in row
+                                     if k.endswith("_mm3") and k != "voxel_mm3"))
     for row in rows:
         print(
             f"{row['case']}: "
-            + ", ".join(f"{k[:-4]} {row[k]:.0f} mm3" for k in volume_keys)
-            + ("" if row["located"] else " (hippocampus not found by the coarse pass)")
+            + ", ".join(f"{k[:-4]} {row[k]:.0f} mm3" for k in volume_keys if row.get(k, "") != "")
+            + ("" if row["located"] or "quality" in row else " (hippocampus not found by the coarse pass)")
         )
+        if row.get("quality") == "flagged":  # full-head scans: never a silent wrong volume
+            print(f"  WARNING {row['case']}: {row['quality_reasons']}", file=sys.stderr)
     print(f"{len(rows)} label map(s) and volumes.csv written under {args.out}")
     return 0
 
@@ -329,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="exit 0 even when bad cases were skipped")
     p.add_argument("--strict", action="store_true", help="stop at the first bad case")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--label-map", help="full-head labels: SOURCE:CLASS pairs, e.g. 17:1,53:1 "
+                   "(FreeSurfer hippocampi); writes one crop per hemisphere")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_storage_options(p)
     p.set_defaults(run=_cmd_convert)

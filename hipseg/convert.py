@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from hipseg import __version__, storage, store
 from hipseg.discovery import CaseSource, discover
 from hipseg.errors import ConfigError, InputError, SkippedCasesError, StoreExistsError
+from hipseg.hemispheres import parse_label_map, split_sources
 from hipseg.nifti import load_case
 from hipseg.preprocess import crop, derive_roi_shape, label_bbox, normalise_intensity, roi_offset
 
@@ -137,6 +138,8 @@ def convert_block(
                 "sha256": {"image": case.image_sha256, "label": case.label_sha256},
             }
         )
+        if "hemisphere" in entry:
+            volumes[-1]["hemisphere"] = entry["hemisphere"]
     group = storage.open_group(target or storage.join(work, STORE), "r+", storage_options)
     store.write_block(group, start, images, labels)
     record = {"volumes": volumes, "counts": counts, "foreground": foreground}
@@ -339,6 +342,7 @@ def convert(
     progress: bool = True,
     shard_volumes: int | None = None,
     storage_options: dict | None = None,
+    label_map: str | dict[int, int] | None = None,
 ) -> ConvertReport:
     """Convert a Decathlon task folder, or images/ + labels/ folders, into one Zarr store.
 
@@ -364,6 +368,10 @@ def convert(
     storage_options
         Filesystem arguments for a URL destination (credentials, ``endpoint_url``); the
         standard environment (``AWS_*``) is used when not given.
+    label_map
+        Full-head labels, e.g. ``"17:1,53:1"`` (FreeSurfer's hippocampi -> class 1): each case is
+        mapped and split into a left and a right crop (:mod:`hipseg.hemispheres`); the store
+        records each crop's ``hemisphere``.
     """
     started = time.perf_counter()
     options_fs = dict(storage_options or {})
@@ -389,6 +397,15 @@ def convert(
         "format": store.FORMAT_VERSION,
         "classes": class_names,
     }
+    if label_map is not None:
+        label_map = parse_label_map(label_map)
+        if max(label_map.values()) >= len(class_names):
+            raise ConfigError(f"--label-map targets {sorted(set(label_map.values()))}: the classes are "
+                              f"{', '.join(f'{i} {n}' for i, n in enumerate(class_names))}")
+        options["label_map"] = sorted(label_map.items())
+        if at_url:  # the hemisphere crops are NIfTI files in the local work folder
+            raise ConfigError(f"{dst}: --label-map writes to a local store only; convert to a "
+                              "local path, then copy the store to its URL")
     fingerprint = _fingerprint(sources, options)
     plan_path = storage.join(work, PLAN)
     plan = storage.read_json(plan_path, options_fs) if storage.exists(plan_path, options_fs) else None
@@ -423,8 +440,15 @@ def convert(
     runner = _Runner(workers, scheduler, progress)
     try:
         if plan is None:
+            sides: dict[str, str] = {}
+            if label_map is not None:  # full heads: one case per hippocampus, written in work/
+                sources, split_skipped, sides = split_sources(sources, label_map, Path(work) / "hemispheres")
+                skipped_early = skipped_early + split_skipped
             plan = _plan(sources, class_names, roi_shape, margin, runner, strict, fingerprint)
             plan["skipped"] = skipped_early + plan["skipped"]
+            for entry in plan["entries"]:
+                if entry["case_id"] in sides:
+                    entry["hemisphere"] = sides[entry["case_id"]]
             entries = plan["entries"]
             if not entries:
                 raise SkippedCasesError(plan["skipped"])

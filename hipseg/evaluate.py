@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from hipseg.discovery import discover
 from hipseg.errors import ConfigError, InputError
-from hipseg.inference import load_runs, segment
+from hipseg.inference import Segmentation, load_runs, segment
+from hipseg.localise import is_full_head, segment_head
 from hipseg.metrics import EDGE_FRACTION, dice_per_class, edge_middle_dice, hd95_per_class
-from hipseg.nifti import from_canonical, load_case
+from hipseg.nifti import from_canonical, load_case, to_canonical
 from hipseg.preprocess import normalise_intensity
 from hipseg.runs import SPLIT
 from hipseg.store import axis_index
@@ -116,7 +117,14 @@ def evaluate(
     for source in tqdm(sources, desc="evaluating", unit="case", disable=not progress):
         case = load_case(source.image, source.label, n_classes)
         normalised, _, _ = normalise_intensity(case.image)
-        result = segment(runs, normalised)
+        if is_full_head(case.original_shape, case.affine):  # hipseg.localise: both hippocampi
+            head = segment_head(runs, from_canonical(case.image, case.affine), case.affine)
+            result = Segmentation(to_canonical(head.label, case.affine), None, head.quality.localised)
+            quality = {"localisation_confidence": head.quality.confidence,
+                       "quality": "ok" if head.quality.ok else "flagged",
+                       "quality_reasons": list(head.quality.reasons)}
+        else:
+            result, quality = segment(runs, normalised), {}
         prediction = from_canonical(result.label, case.affine)
         label = from_canonical(case.label, case.affine)
         dice = dice_per_class(prediction, label, n_classes)
@@ -135,8 +143,9 @@ def evaluate(
             "volume_mm3": {n: float(label_mm3[c]) for c, n in enumerate(names, 1)},
             "predicted_volume_mm3": {n: float(predicted_mm3[c]) for c, n in enumerate(names, 1)},
             "shape": list(case.original_shape),
-            "roi_offset": list(result.offset),
+            "roi_offset": None if result.offset is None else list(result.offset),
             "located": result.located,
+            **quality,
         }
         records.append(record)
         # Keep only the canonical arrays of the best and worst case so far for the overlays.

@@ -107,7 +107,7 @@ class Segmentation:
     """A canonical label map and where its ROI was placed."""
 
     label: np.ndarray  # uint8, canonical, the volume's shape
-    offset: tuple[int, int, int]
+    offset: tuple[int, int, int] | None  # None: crops placed by hipseg.localise (full heads)
     located: bool  # False when the coarse pass found nothing and the ROI was centred
 
 

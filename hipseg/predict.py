@@ -2,7 +2,9 @@
 
 Each volume is put in the canonical RAS+ orientation, normalised as the store's
 crops were, segmented by :func:`hipseg.inference.segment` (coarse pass, ROI
-location, fine pass; see that module) and returned to the input's orientation."""
+location, fine pass; see that module) and returned to the input's orientation.
+Full-head scans instead go through :func:`hipseg.localise.segment_head` (registration
+to a template, one crop per hemisphere, quality flags)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from hipseg.discovery import list_inputs
 from hipseg.inference import load_runs, segment
+from hipseg.localise import is_full_head, segment_head, volume_columns
 from hipseg.nifti import case_id_from_path, from_canonical, is_nifti_name, load_case
 from hipseg.preprocess import normalise_intensity
 
@@ -49,6 +52,9 @@ def predict(run_dir: str | Path, inputs: str | Path, out: str | Path, *,
     Returns
     -------
     One dict per input: case, input, output, shape, voxel_mm3, located and ``<class>_mm3``.
+    Full-head scans (:func:`hipseg.localise.is_full_head`) go through :mod:`hipseg.localise`
+    and add ``left_/right_<class>_mm3``, ``localisation_confidence``, ``quality`` ("ok" or
+    "flagged") and ``quality_reasons``; their volumes are empty when localisation failed.
     """
     runs = load_runs(run_dir, ensemble, which, device)
     files = list_inputs(inputs)
@@ -60,22 +66,29 @@ def predict(run_dir: str | Path, inputs: str | Path, out: str | Path, *,
     rows = []
     for path in tqdm(files, desc="predicting", unit="volume", disable=not progress):
         case = load_case(path, None, len(class_names))
-        normalised, _, _ = normalise_intensity(case.image)
-        result = segment(runs, normalised)
-        label = from_canonical(result.label, case.affine)
         target = out if single else folder / f"{case_id_from_path(path)}.nii.gz"
-        nib.save(_label_image(label, nib.load(str(path))), str(target))
         voxel_mm3 = float(np.prod(case.spacing))
-        counts = np.bincount(label.ravel(), minlength=len(class_names))
-        row: dict[str, Any] = {"case": case.case_id, "input": str(path), "output": str(target),
-                               "shape": "x".join(map(str, label.shape)), "voxel_mm3": voxel_mm3,
-                               "located": result.located}
-        for c, name in enumerate(class_names[1:], start=1):
-            row[f"{name}_mm3"] = float(counts[c]) * voxel_mm3
-        row["total_mm3"] = float(counts[1:].sum()) * voxel_mm3
+        row: dict[str, Any] = {"case": case.case_id, "input": str(path), "output": str(target)}
+        if is_full_head(case.original_shape, case.affine):  # hipseg.localise: both hippocampi
+            head = segment_head(runs, from_canonical(case.image, case.affine), case.affine)
+            label = head.label
+            row.update({"shape": "x".join(map(str, label.shape)), "voxel_mm3": voxel_mm3,
+                        "located": head.quality.localised, **volume_columns(head, class_names)})
+        else:
+            normalised, _, _ = normalise_intensity(case.image)
+            result = segment(runs, normalised)
+            label = from_canonical(result.label, case.affine)
+            counts = np.bincount(label.ravel(), minlength=len(class_names))
+            row.update({"shape": "x".join(map(str, label.shape)), "voxel_mm3": voxel_mm3,
+                        "located": result.located})
+            for c, name in enumerate(class_names[1:], start=1):
+                row[f"{name}_mm3"] = float(counts[c]) * voxel_mm3
+            row["total_mm3"] = float(counts[1:].sum()) * voxel_mm3
+        nib.save(_label_image(label, nib.load(str(path))), str(target))
         rows.append(row)
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # full-head rows add columns
     with open(folder / VOLUMES_CSV, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     return rows

@@ -275,6 +275,11 @@ class HippocampusStore:
         return [v["case_id"] for v in self.volumes]
 
     @property
+    def hemispheres(self) -> list[str | None]:
+        """Side of each crop ("left", "right"), None where not recorded (Decathlon crops, old stores)."""
+        return [v.get("hemisphere") for v in self.volumes]
+
+    @property
     def images(self) -> zarr.Array:
         return self.group[IMAGES]
 
