@@ -97,12 +97,15 @@ def make_head(template: nib.Nifti1Image, labels: nib.Nifti1Image, pose: HeadPose
 
     ``labels`` lies in the template's world (e.g. :func:`freesurfer_hippocampi`: 1 = left,
     2 = right hippocampus, or a whole FreeSurfer aseg).
-    Without ``neck`` the field of view starts 40 mm lower than the hippocampi instead of 90.
+    The field of view starts at the template's lowest slice (MNI z = -72 mm, the top of the
+    neck) or, without ``neck``, at z = -50 mm (through the cerebellum), about 20 or 40 mm
+    below the hippocampi.
     """
     rng = rng or np.random.default_rng(0)
     centre = np.array(HEAD_CENTRE_MM, float)
-    if not neck:
-        centre[2] += 45.0
+    vertical = [i for i, code in enumerate(axcodes) if code in "SI"][0]
+    height = shape[vertical] * spacing[vertical]
+    centre[2] = (-72.0 if neck else -50.0) + height / 2.0  # lowest slice: neck, or cerebellum
     world_centre = pose.matrix @ np.array([*centre, 1.0])
     out_affine = grid_affine(shape, spacing, axcodes, world_centre[:3])
     to_template = np.linalg.inv(pose.matrix)

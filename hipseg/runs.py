@@ -156,7 +156,8 @@ def run_meta(store: HippocampusStore, config: TrainConfig, val_cases: list[str])
     return {"class_names": list(store.class_names), "roi_shape": list(store.roi_shape),
             "window": list(window), "in_channels": 1 if dims == 3 else 2 * config.context + 1,
             "spatial_dims": dims, "store": str(store.path), "val_cases": list(val_cases),
-            "normalisation": dict(store.info.normalisation)}
+            "normalisation": dict(store.info.normalisation),
+            "crop_extent": store.crop_extent}  # the training crops' field of view (hipseg.localise)
 
 
 def save_weights(path: Path, model: torch.nn.Module, config: TrainConfig, meta: dict[str, Any],

@@ -275,6 +275,18 @@ class HippocampusStore:
         return [v["case_id"] for v in self.volumes]
 
     @property
+    def crop_extent(self) -> tuple[int, int, int] | None:
+        """Median canonical shape of the source volumes (their extent inside the ROI crops).
+
+        Decathlon crops (about 35x50x36) fill only the middle of a 48x64x48 ROI, the rest being
+        zero padding; full-head inference reproduces that field of view (hipseg.localise).
+        """
+        shapes = [v["canonical_shape"] for v in self.volumes if "canonical_shape" in v]
+        if not shapes:
+            return None
+        return tuple(int(s) for s in np.median(np.asarray(shapes), axis=0))  # type: ignore[return-value]
+
+    @property
     def hemispheres(self) -> list[str | None]:
         """Side of each crop ("left", "right"), None where not recorded (Decathlon crops, old stores)."""
         return [v.get("hemisphere") for v in self.volumes]
