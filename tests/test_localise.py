@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import data_root
 from torch import nn
 
 import hipseg.localise as localise
@@ -22,8 +23,8 @@ from hipseg.headsynth import (
 from hipseg.localise import (
     HIPPOCAMPUS_CENTRE_MM,
     CropGrid,
-    HeadSegmentation,
     HeadQuality,
+    HeadSegmentation,
     Registration,
     check_volumes,
     hemisphere_grids,
@@ -39,8 +40,6 @@ from hipseg.localise import (
 from hipseg.predict import predict
 from hipseg.runs import LoadedRun
 from hipseg.train import TrainConfig
-
-from conftest import data_root
 
 ROI = (48, 64, 48)
 
@@ -186,20 +185,22 @@ def test_segment_head_recovers_the_painted_hippocampi(head_case):
     scores = hemisphere_agreement(result.label, truth, head.header.get_zooms()[:3])
     voxel = abs(np.linalg.det(head.affine[:3, :3]))
     for side, value in (("left", 1), ("right", 2)):
-        # measured once: Dice 0.87-0.95 (interpolated tube edges fall under the threshold)
+        # Measured once (threshold model, these four heads): Dice 0.835-0.875, all predicted
+        # voxels within 3 mm, volume 0.72-0.78 of the true one (interpolated tube edges fall
+        # under the threshold).
         assert scores[side]["dice"] > 0.8, (name, side, scores[side])
         assert scores[side]["within_mm"] > 0.99, (name, side, scores[side])
         true_mm3 = (truth == value).sum() * voxel
         predicted_mm3 = result.volumes_mm3[side][1:].sum()
-        print(name, side, scores[side], predicted_mm3, true_mm3)
-        assert predicted_mm3 == pytest.approx(true_mm3, rel=0.35), (name, side)
+        assert 0.68 < predicted_mm3 / true_mm3 < 0.82, (name, side, predicted_mm3, true_mm3)
         assert np.all(truth[result.hemispheres[side] > 0] != 3 - value)  # never the other side
 
 
 # ---------------------------------------------------------------- quality flags
 
 def test_implausible_volumes_are_flagged():
-    assert check_volumes({"left": np.array([0, 2000.0, 1500.0]), "right": np.array([0, 1800.0, 1800.0])}) == []
+    plausible = {"left": np.array([0, 2000.0, 1500.0]), "right": np.array([0, 1800.0, 1800.0])}
+    assert check_volumes(plausible) == []
     reasons = check_volumes({"left": np.array([0, 200.0, 100.0]), "right": np.array([0, 1800.0, 1800.0])})
     assert len(reasons) == 1 and "left" in reasons[0] and "300 mm3" in reasons[0]
 
@@ -290,7 +291,7 @@ def real_fullhead():
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("name", ["RAS-1mm-neck-rot+15", "LPS-1mm-noneck-rot-15", "ASR-anisotropic"])
+@pytest.mark.parametrize("name", ["RAS-1mm-neck-rot+15", "LPS-1mm-noneck-rot-15"])
 def test_real_template_heads_hold_each_whole_hippocampus_in_its_crop(real_fullhead, name):
     """On the MNI152 with FreeSurfer's labels moved along: the box sits on each real hippocampus."""
     pose, head, label = posed_head(real_fullhead, name)
@@ -304,3 +305,46 @@ def test_real_template_heads_hold_each_whole_hippocampus_in_its_crop(real_fullhe
         world = nib.affines.apply_affine(head.affine, np.argwhere(truth == value))
         centre = (world.min(axis=0) + world.max(axis=0)) / 2
         assert np.linalg.norm(grid.centre - centre) < 5.0, (name, grid.hemisphere)
+
+
+# ---------------------------------------------------------------- convert --label-map
+
+def test_convert_label_map_writes_one_crop_per_hemisphere(painted, tmp_path, synth_store):
+    from hipseg.convert import convert
+    from hipseg.store import open_store
+
+    pose, head, label = posed_head(painted, "PIL-1.5mm-bias")
+    for folder, image in (("images", head), ("labels", label)):
+        (tmp_path / "src" / folder).mkdir(parents=True)
+        nib.save(image, tmp_path / "src" / folder / "subject.nii.gz")
+    report = convert(tmp_path / "src", tmp_path / "heads.zarr", workers=1, progress=False,
+                     label_map="1:1,2:1")  # painted left (1) and right (2) -> class 1
+    store = open_store(report.path)
+    assert store.case_ids == ["subject_left", "subject_right"]
+    assert store.hemispheres == ["left", "right"]
+    for volume in store.volumes:
+        # each crop holds one hippocampus, on its own side of the head
+        centre_voxel = np.asarray(volume["crop_offset"]) + np.asarray(store.roi_shape) // 2
+        centre = nib.affines.apply_affine(np.asarray(volume["affine"]) @ _canonical_shift(volume),
+                                          centre_voxel)
+        expected = true_centre(pose, volume["hemisphere"])
+        assert np.linalg.norm(centre - expected) < 8.0, volume["hemisphere"]
+        assert volume["class_voxels"][1] > 0 and volume["class_voxels"][2] == 0
+    assert open_store(synth_store).hemispheres == [None] * open_store(synth_store).n_volumes
+
+
+def _canonical_shift(volume: dict) -> np.ndarray:
+    """Canonical voxel -> the crop file's voxel (the crops are written canonical: identity)."""
+    assert tuple(volume["axcodes"]) == ("R", "A", "S")
+    return np.eye(4)
+
+
+def test_label_map_errors_name_the_problem():
+    from hipseg.errors import ConfigError
+    from hipseg.hemispheres import parse_label_map
+
+    assert parse_label_map("17:1,53:1") == {17: 1, 53: 1}
+    with pytest.raises(ConfigError, match="SOURCE:TARGET"):
+        parse_label_map("17-1")
+    with pytest.raises(ConfigError, match="foreground"):
+        parse_label_map("17:0")
