@@ -257,7 +257,7 @@ def training_extent(run: LoadedRun) -> tuple[int, int, int] | None:
 
         try:
             extent = open_store(run.meta.get("store") or run.config.store).crop_extent
-        except StoreError:  # no store at hand: use the whole ROI
+        except (StoreError, OSError):  # no store at hand: use the whole ROI
             return None
     if extent is None or np.all(np.asarray(extent) >= np.asarray(run.roi_shape)):
         return None

@@ -348,3 +348,18 @@ def test_label_map_errors_name_the_problem():
         parse_label_map("17-1")
     with pytest.raises(ConfigError, match="foreground"):
         parse_label_map("17:0")
+
+
+def test_evaluate_scores_full_heads_through_the_localiser(painted, tmp_path, monkeypatch):
+    from hipseg.evaluate import evaluate
+
+    _, head, label = posed_head(painted, "PIL-1.5mm-bias")
+    whole = nib.Nifti1Image((np.asarray(label.dataobj) > 0).astype(np.uint8), label.affine)
+    for folder, image in (("images", head), ("labels", whole)):  # whole hippocampus as class 1
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        nib.save(image, tmp_path / "data" / folder / "subject.nii.gz")
+    monkeypatch.setattr("hipseg.evaluate.load_runs", lambda *a, **k: [threshold_run()])
+    document = evaluate(tmp_path / "run", tmp_path / "data", progress=False)
+    record = document["cases"][0]
+    assert record["quality"] == "ok" and record["located"] and record["roi_offset"] is None
+    assert record["dice"]["anterior"] > 0.8  # measured once: 0.85 (threshold model, both sides)
