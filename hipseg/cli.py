@@ -112,9 +112,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from hipseg.train import build_config, train
+_TRAIN_FLAGS = ("model", "axis", "context", "loss", "batch_size", "steps", "max_minutes", "lr",
+                "weight_decay", "schedule", "warmup", "val_fraction", "val_every",
+                "checkpoint_every", "log_every", "foreground_fraction", "edge_fraction",
+                "ema_decay", "num_workers", "threads", "seed", "device", "augment", "amp",
+                "channels_last", "compile", "deterministic")
 
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    """TrainConfig fields given on the command line (None: not given)."""
     model_options = {
         k: v
         for k, v in {
@@ -127,44 +133,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    flags = {
-        name: getattr(args, name)
-        for name in (
-            "model",
-            "axis",
-            "context",
-            "loss",
-            "batch_size",
-            "steps",
-            "max_minutes",
-            "lr",
-            "weight_decay",
-            "schedule",
-            "warmup",
-            "val_fraction",
-            "val_every",
-            "checkpoint_every",
-            "log_every",
-            "foreground_fraction",
-            "num_workers",
-            "threads",
-            "seed",
-            "device",
-            "augment",
-            "amp",
-            "channels_last",
-            "compile",
-            "deterministic",
-        )
-    }
-    config = build_config(
-        args.store,
-        args.out,
-        config_file=args.config,
-        resume=args.resume,
-        model_options=model_options or None,
-        **flags,
-    )
+    flags = {name: getattr(args, name) for name in _TRAIN_FLAGS}
+    return {**flags, "model_options": model_options or None}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from hipseg.train import build_config, train
+
+    config = build_config(args.store, args.out, config_file=args.config, resume=args.resume,
+                          **_train_overrides(args))
     result = train(config, resume=args.resume, progress=not args.quiet,
                    storage_options=_storage_options(args))
     from hipseg.distributed import is_main_process
@@ -172,11 +149,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0  # under torchrun, rank 0 alone reports
     dice = ", ".join(f"{k} {v:.3f}" for k, v in result.best_dice.items())
+    which = (f"best validation Dice {result.best_mean_dice:.3f} ({dice}) at step {result.best_step}"
+             if result.selection == "best" else
+             f"final weights kept (monitoring Dice on training cases {result.best_mean_dice:.3f})")
     print(
         f"{result.run_dir}: {result.steps} steps in {result.elapsed_s / 60:.1f} min "
-        f"({result.steps_per_s:.2f} steps/s, {result.samples_per_s:.0f} samples/s); "
-        f"best validation Dice {result.best_mean_dice:.3f} ({dice}) at step {result.best_step}"
+        f"({result.steps_per_s:.2f} steps/s, {result.samples_per_s:.0f} samples/s); {which}"
     )
+    return 0
+
+
+def _cmd_crossval(args: argparse.Namespace) -> int:
+    from hipseg.config import read_config_file
+    from hipseg.crossval import crossval
+
+    settings = dict(read_config_file(args.config)) if args.config else {}
+    settings.update({k: v for k, v in _train_overrides(args).items() if v is not None})
+    if "steps" in settings and "max_minutes" not in settings:
+        settings["max_minutes"] = None
+    doc = crossval(args.source, args.out, folds=args.folds, seed=args.cv_seed, data=args.data,
+                   settings=settings, quick=args.quick, which=args.which, flip=args.flip,
+                   progress=not args.quiet)
+    summary = doc["summary"]
+    for name in doc["class_names"]:
+        parts = [f"{label} {summary[m][name]['mean']:.3f} ± {summary[m][name]['std']:.3f}"
+                 for m, label in (("dice", "Dice"), ("edge_dice", "edge"),
+                                  ("middle_dice", "middle")) if summary[m][name]["mean"] is not None]
+        hd = summary["hd95"][name]["mean"]
+        print(f"{name:10s} " + ", ".join(parts) + ("" if hd is None else f", HD95 {hd:.2f} mm"))
+    mean = summary["mean_dice"]
+    print(f"{summary['n_folds']} folds, {summary['n_cases']} cases: mean Dice {mean['mean']:.3f} "
+          f"± {mean['std']:.3f} (sd across folds); written to {args.out}")
     return 0
 
 
@@ -194,6 +197,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         which=args.which,
         device=args.device,
         progress=not args.quiet,
+        flip=args.flip,
     )
     for name, dice in doc["mean_dice"].items():
         hd = doc["mean_hd95"][name]
@@ -246,6 +250,45 @@ def _add_model_commands(commands) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--config", help="JSON or TOML file of settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _add_train_options(p)
+    _add_storage_options(p)
+    p.set_defaults(run=_cmd_train)
+
+    p = commands.add_parser("crossval", help="k-fold cross-validation by case of training settings")
+    p.add_argument("source", help="store from `hipseg convert`, or a NIfTI folder (converted once)")
+    p.add_argument("--out", required=True, help="output folder (rerun the command to resume)")
+    p.add_argument("--folds", type=int, help="number of folds (default 5; 2 with --quick)")
+    p.add_argument("--seed", dest="cv_seed", type=int, default=0,
+                   help="seeds the folds and training (default 0)")
+    p.add_argument("--data", help="NIfTI folder to score on (default: the store's source)")
+    p.add_argument("--config", help="JSON or TOML file of training settings (flags override it)")
+    p.add_argument("--quick", action="store_true", help="few steps and folds: a smoke run")
+    p.add_argument("--which", default="best", choices=["best", "last"])
+    p.add_argument("--flip", action="store_true", help="test-time left-right flip")
+    _add_train_options(p, seed=False)
+    p.set_defaults(run=_cmd_crossval)
+
+    p = commands.add_parser("evaluate", help="Dice and HD95 per case in the original grids")
+    p.add_argument("run_dir")
+    p.add_argument("data", help="Decathlon task folder or folder with images/ and labels/")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--report", help="folder for evaluation.md and overlays (default: by --json)")
+    p.add_argument("--cases", help="'val' (the run's held-out cases) or comma-separated case ids")
+    p.add_argument("--flip", action="store_true",
+                   help="test-time augmentation: average with the left-right mirror")
+    _add_inference_options(p)
+    p.set_defaults(run=_cmd_evaluate)
+
+    p = commands.add_parser("predict", help="label maps and hippocampal volumes for NIfTI files")
+    p.add_argument("run_dir")
+    p.add_argument("inputs", help="a NIfTI file or a folder of them")
+    p.add_argument("out", help="output folder (or a .nii.gz path for a single input)")
+    _add_inference_options(p)
+    p.set_defaults(run=_cmd_predict)
+
+
+def _add_train_options(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """TrainConfig flags shared by train and crossval."""
     p.add_argument("--model", help="unet (default), attention-unet, separable-unet or unet3d")
     p.add_argument("--axis", help="slice axis: axial (default), coronal or sagittal")
     p.add_argument("--context", type=int, help="2.5D: neighbouring slices on each side as channels")
@@ -261,11 +304,15 @@ def _add_model_commands(commands) -> None:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", help="onecycle (default), cosine or constant")
     p.add_argument("--warmup", type=float, help="warm-up fraction of the run (onecycle)")
-    p.add_argument("--val-fraction", type=float, help="share of cases held out (default 0.2)")
+    p.add_argument("--val-fraction", type=float,
+                   help="share of cases held out (default 0.2; 0: train on all, keep the final weights)")
     p.add_argument("--val-every", type=int, help="validate every N steps")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps")
     p.add_argument("--log-every", type=int)
     p.add_argument("--foreground-fraction", type=float, help="share of slices holding hippocampus")
+    p.add_argument("--edge-fraction", type=float,
+                   help="share of the foreground slices drawn from edge slices (default 0.3)")
+    p.add_argument("--ema-decay", type=float, help="EMA of the weights, e.g. 0.999 (default 0: off)")
     p.add_argument(
         "--workers",
         dest="num_workers",
@@ -273,7 +320,10 @@ def _add_model_commands(commands) -> None:
         help="loader worker processes (default: 0 on <= 2 cores, else 2)",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
-    p.add_argument("--seed", type=int)
+    if seed:
+        p.add_argument("--seed", type=int)
+    else:
+        p.set_defaults(seed=None)
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False)
     p.add_argument(
@@ -289,24 +339,6 @@ def _add_model_commands(commands) -> None:
     p.add_argument("--attention", action="store_true", help="attention gates")
     p.add_argument("--separable", action="store_true", help="depthwise-separable convolutions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_storage_options(p)
-    p.set_defaults(run=_cmd_train)
-
-    p = commands.add_parser("evaluate", help="Dice and HD95 per case in the original grids")
-    p.add_argument("run_dir")
-    p.add_argument("data", help="Decathlon task folder or folder with images/ and labels/")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--report", help="folder for evaluation.md and overlays (default: by --json)")
-    p.add_argument("--cases", help="'val' (the run's held-out cases) or comma-separated case ids")
-    _add_inference_options(p)
-    p.set_defaults(run=_cmd_evaluate)
-
-    p = commands.add_parser("predict", help="label maps and hippocampal volumes for NIfTI files")
-    p.add_argument("run_dir")
-    p.add_argument("inputs", help="a NIfTI file or a folder of them")
-    p.add_argument("out", help="output folder (or a .nii.gz path for a single input)")
-    _add_inference_options(p)
-    p.set_defaults(run=_cmd_predict)
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:

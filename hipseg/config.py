@@ -45,7 +45,12 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "onecycle"
     warmup: float = 0.03
+    # 0: train on every case; validation (on a few training cases) is then only for monitoring
+    # and the final weights, not the best-on-validation ones, are what load_run picks.
     val_fraction: float = 0.2
+    # Explicit case ids instead of val_fraction's seeded split (e.g. one cross-validation fold).
+    train_cases: tuple[str, ...] | None = None
+    val_cases: tuple[str, ...] | None = None
     val_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 50
@@ -53,6 +58,10 @@ class TrainConfig:
     # AugmentConfig fields; empty = its defaults (left-right flips, ±10° rotation, elastic).
     augment_options: dict[str, Any] = field(default_factory=dict)
     foreground_fraction: float = 1.0 / 3.0
+    # Share of the foreground draws taken from edge slices (hipseg.sampler.SamplerConfig).
+    edge_fraction: float = 0.3
+    # Exponential moving average of the weights (0: off); used for validation and inference.
+    ema_decay: float = 0.0
     num_workers: int | None = None  # None: default_workers() for this machine
     threads: int | None = None  # torch CPU threads; None keeps torch's default (one per core)
     seed: int = 0
@@ -88,8 +97,24 @@ class TrainConfig:
         for name in ("batch_size", "val_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            bad(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            bad(f"val_fraction must be within [0, 1), got {self.val_fraction}")
+        for name in ("train_cases", "val_cases"):
+            value = getattr(self, name)
+            if value is not None:  # frozen: a tuple, so the config stays hashable and comparable
+                object.__setattr__(self, name, tuple(str(c) for c in value))
+        if (self.train_cases is None) != (self.val_cases is None):
+            bad("give both train_cases and val_cases (val_cases may be empty), or neither")
+        if self.train_cases is not None:
+            if not self.train_cases:
+                bad("train_cases is empty")
+            both = sorted(set(self.train_cases) & set(self.val_cases or ()))
+            if both:
+                bad(f"case(s) {both[:5]} are in both train_cases and val_cases")
+        if not 0.0 <= self.ema_decay < 1.0:
+            bad(f"ema_decay must be within [0, 1) (0: off), got {self.ema_decay}")
+        if not 0.0 <= self.edge_fraction <= 1.0:
+            bad(f"edge_fraction must be within 0..1, got {self.edge_fraction}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0.0 <= self.warmup < 1.0:
             bad(f"need lr > 0, weight_decay >= 0 and 0 <= warmup < 1; got {self.lr}, "
                 f"{self.weight_decay}, {self.warmup}")
@@ -111,10 +136,21 @@ class TrainConfig:
             bad(f"need num_workers >= 0 and threads >= 1, got {self.num_workers} and "
                 f"{self.threads}")
 
+    @property
+    def holds_out(self) -> bool:
+        """Whether validation cases are held out; False: validation only monitors, and the
+        final weights rather than the best-on-validation ones are the run's model."""
+        if self.val_cases is not None:
+            return bool(self.val_cases)
+        return self.val_fraction > 0
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model_options"] = {k: list(v) if isinstance(v, tuple) else v
                                  for k, v in self.model_options.items()}
+        for name in ("train_cases", "val_cases"):
+            if data[name] is not None:
+                data[name] = list(data[name])
         return data
 
     @classmethod

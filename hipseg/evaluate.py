@@ -78,7 +78,7 @@ def evaluate(
     run_dir: str | Path, data: str | Path, *, json_out: str | Path | None = None,
     report_dir: str | Path | None = None, ensemble: Sequence[str | Path] = (),
     cases: str | Sequence[str] | None = None, which: str = "best", device: str = "cpu",
-    progress: bool = True,
+    progress: bool = True, flip: bool = False,
 ) -> dict[str, Any]:
     """Score a trained run on the labelled NIfTI cases of ``data`` in their original grids.
 
@@ -97,6 +97,9 @@ def evaluate(
         More run folders (e.g. trained on other axes) whose softmax is averaged in.
     cases
         None (all), ``"val"`` (the run's held-out cases) or a list of case ids.
+    flip
+        Test-time left-right flip: average the softmax of each crop and its mirror (cropped
+        cases; full heads go through ``hipseg.localise``, which does its own mirroring).
 
     Returns
     -------
@@ -124,7 +127,7 @@ def evaluate(
                        "quality": "ok" if head.quality.ok else "flagged",
                        "quality_reasons": list(head.quality.reasons)}
         else:
-            result, quality = segment(runs, normalised), {}
+            result, quality = segment(runs, normalised, flip=flip), {}
         prediction = from_canonical(result.label, case.affine)
         label = from_canonical(case.label, case.affine)
         dice = dice_per_class(prediction, label, n_classes)
@@ -159,6 +162,7 @@ def evaluate(
     document: dict[str, Any] = {
         "run": str(run_dir),
         "ensemble": [str(e) for e in ensemble],
+        "flip": bool(flip),
         "data": str(data),
         "class_names": list(class_names),
         "n_cases": len(records),

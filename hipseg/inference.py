@@ -16,7 +16,8 @@ How one volume is segmented (:func:`segment`), without ever looking at a label:
    coarse pass finds nothing, the ROI is centred on the volume.
 4. Fine pass on that ROI crop, where the input looks like the training data; with
    several runs (a multi-view ensemble, e.g. axial + sagittal + coronal models) their
-   softmax outputs are averaged.
+   softmax outputs are averaged, and with ``flip`` each run's softmax is averaged with
+   that of the left-right mirrored crop (test-time augmentation).
 5. The crop's labels are put back into the volume (background outside the ROI)
    and the volume is returned to the input's own orientation.
 
@@ -86,10 +87,24 @@ def volume_probabilities(
     return np.ascontiguousarray(np.moveaxis(probs, 0, 1 + a))
 
 
-def run_probabilities(run: LoadedRun, volume: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    return volume_probabilities(run.model, volume, axis=run.config.axis, context=run.config.context,
-                                window=run.window, dims=run.spatial_dims, device=run.device,
-                                batch_size=batch_size)
+def run_probabilities(run: LoadedRun, volume: np.ndarray, batch_size: int = 64,
+                      flip: bool = False) -> np.ndarray:
+    """Softmax (K, *volume.shape) of one run over a canonical, normalised volume.
+
+    ``flip``: test-time augmentation by the left-right mirror, the flip the model was
+    trained with: the softmax of the volume and the mirrored softmax of its mirror are
+    averaged. Left-right is array axis 0 of a canonical RAS+ volume.
+    """
+    def probs(v: np.ndarray) -> np.ndarray:
+        return volume_probabilities(run.model, v, axis=run.config.axis,
+                                    context=run.config.context, window=run.window,
+                                    dims=run.spatial_dims, device=run.device,
+                                    batch_size=batch_size)
+
+    out = probs(volume)
+    if flip:
+        out = 0.5 * (out + probs(np.ascontiguousarray(volume[::-1]))[:, ::-1])
+    return out
 
 
 def locate(foreground: np.ndarray, roi_shape: Sequence[int]) -> np.ndarray | None:
@@ -113,8 +128,12 @@ class Segmentation:
 
 
 
-def segment(runs: Sequence[LoadedRun], image: np.ndarray, batch_size: int = 64) -> Segmentation:
-    """Segment one canonical, normalised volume (see the module docstring for the steps)."""
+def segment(runs: Sequence[LoadedRun], image: np.ndarray, batch_size: int = 64,
+            flip: bool = False) -> Segmentation:
+    """Segment one canonical, normalised volume (see the module docstring for the steps).
+
+    ``flip`` adds the left-right mirror to the fine pass (:func:`run_probabilities`).
+    """
     if not runs:
         raise ConfigError("segment needs at least one trained run")
     roi = runs[0].roi_shape
@@ -124,7 +143,7 @@ def segment(runs: Sequence[LoadedRun], image: np.ndarray, batch_size: int = 64) 
     if offset is None:
         offset = (np.asarray(image.shape) - np.asarray(roi)) // 2
     patch = crop(image, offset, roi)
-    probs = np.mean([run_probabilities(r, patch, batch_size) for r in runs], axis=0)
+    probs = np.mean([run_probabilities(r, patch, batch_size, flip) for r in runs], axis=0)
     label = uncrop(probs.argmax(0).astype(np.uint8), offset, image.shape)
     return Segmentation(label, tuple(int(o) for o in offset), located)  # type: ignore[arg-type]
 

@@ -95,9 +95,10 @@ class RunResult:
     best_mean_dice: float
     final_dice: dict[str, float]
     checkpoint: str
-    best: str
+    best: str  # the run's model: best.pt, or checkpoint.pt when no case was held out
     world_size: int = 1  # processes that trained it (torchrun); samples_per_s counts all of them
     weights_sha256: list[str] = dataclasses.field(default_factory=list)  # final weights, per rank
+    selection: str = "best"  # "best" on held-out validation, or "final"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,9 +110,15 @@ class RunResult:
 
 # ---------------------------------------------------------------- small pure pieces
 
+MONITOR_CASES = 8  # training cases validated for the curve when none is held out
+
+
 def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train, val) case ids: a seeded shuffle of the sorted ids, at least one case on each side."""
+    """(train, val) case ids: a seeded shuffle of the sorted ids, at least one case on each side
+    (none on the validation side when ``val_fraction`` is 0)."""
     ids = sorted(case_ids)
+    if val_fraction == 0:
+        return ids, []
     if len(ids) < 2:
         raise ConfigError(f"need at least 2 cases to hold some out for validation, "
                           f"the store has {len(ids)}")
@@ -120,6 +127,27 @@ def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[li
     val = sorted(ids[i] for i in order[:n_val])
     return sorted(set(ids) - set(val)), val
 
+
+
+def plan_split(config: TrainConfig, case_ids: list[str]) -> dict[str, Any]:
+    """What split.json records: training, validation and monitoring case ids, and which weights
+    are the run's model (``best`` on held-out validation, or ``final`` when none is held out).
+
+    ``config.train_cases`` / ``val_cases`` when given (checked against the store), else the
+    seeded split of :func:`split_cases` by ``val_fraction``.
+    """
+    if config.train_cases is not None:
+        unknown = sorted((set(config.train_cases) | set(config.val_cases or ())) - set(case_ids))
+        if unknown:
+            raise ConfigError(f"case(s) {unknown[:5]} (of {len(unknown)}) given as training or "
+                              f"validation cases are not in the store {config.store}")
+        train, val = sorted(config.train_cases), sorted(config.val_cases or ())
+    else:
+        train, val = split_cases(case_ids, config.val_fraction, config.seed)
+    # Without held-out cases the curve is drawn on a few training cases: a monitor, not a test.
+    monitor = val if val else train[:MONITOR_CASES]
+    return {"train": train, "val": val, "monitor": monitor,
+            "selection": "best" if val else "final"}
 
 
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
@@ -202,7 +230,12 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> LoadedRun:
-    """The model of a run folder: ``best`` (best validation Dice; the default) or ``last``."""
+    """The model of a run folder: ``best`` (best validation Dice; the default) or ``last``.
+
+    A run that held out no validation case (``val_fraction = 0``) writes no best.pt, so
+    ``best`` gives its final weights. A run trained with ``ema_decay`` gives its averaged
+    weights (best.pt holds them already; checkpoint.pt holds both).
+    """
     run_dir = Path(run_dir)
     names = {"best": [BEST, CHECKPOINT], "last": [CHECKPOINT]}
     if which not in names:
@@ -216,7 +249,8 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> L
     meta = data["meta"]
     model = build_model(config.model, int(meta["in_channels"]), len(meta["class_names"]),
                         **config.model_options)
-    model.load_state_dict(data["model"])
+    weights = data.get("ema_model")
+    model.load_state_dict(data["model"] if weights is None else weights)
     torch_device = resolve_device(device)
     return LoadedRun(model.to(torch_device).eval(), config, meta, torch_device)
 
@@ -266,8 +300,8 @@ def check_resume(config: TrainConfig, saved: TrainConfig, run_dir: Path) -> None
 
 
 def prepare_folder(config: TrainConfig, store: HippocampusStore,
-                    resume: bool) -> tuple[list[str], list[str]]:
-    """Check or create the run folder; return (train, val) case ids, new or as saved."""
+                    resume: bool) -> dict[str, Any]:
+    """Check or create the run folder; return its split (see :func:`plan_split`), new or saved."""
     run_dir = Path(config.out)
     if resume:
         if not (run_dir / CHECKPOINT).exists():
@@ -276,17 +310,17 @@ def prepare_folder(config: TrainConfig, store: HippocampusStore,
         saved = TrainConfig.from_dict(json.loads((run_dir / CONFIG).read_text()))
         check_resume(config, saved, run_dir)
         split = json.loads((run_dir / SPLIT).read_text())
-        train_cases, val_cases = split["train"], split["val"]
+        split.setdefault("monitor", split["val"])
     else:
         if (run_dir / CHECKPOINT).exists():
             raise ConfigError(f"{run_dir}: holds a run already; pass --resume to continue it or "
                               "choose another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
-        train_cases, val_cases = split_cases(store.case_ids, config.val_fraction, config.seed)
-        write_json(run_dir / SPLIT, {"train": train_cases, "val": val_cases})
+        split = plan_split(config, list(store.case_ids))
+        write_json(run_dir / SPLIT, split)
         (run_dir / METRICS).unlink(missing_ok=True)
     write_json(run_dir / CONFIG, config.to_dict())
-    return train_cases, val_cases
+    return split
 
 
 def append_metrics(path: Path, row: dict) -> None:

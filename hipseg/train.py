@@ -105,15 +105,17 @@ def _slice_batches(store: HippocampusStore, config: TrainConfig, cases: list[str
                    world_size: int = 1) -> tuple[Iterator[dict], Any]:
     from hipseg.augment import AugmentConfig
     from hipseg.loader import SliceLoader
+    from hipseg.sampler import SamplerConfig
 
     augment = AugmentConfig(**config.augment_options) if config.augment else False
+    sampler = SamplerConfig(foreground_fraction=config.foreground_fraction,
+                            edge_fraction=config.edge_fraction)
     loader = SliceLoader(
         store, batch_size=config.batch_size, axis=config.axis, context=config.context,
         augment=augment, cases=cases, seed=config.seed,
         num_workers=default_workers() if config.num_workers is None else config.num_workers,
-        mode="infinite", start_batch=start, foreground_fraction=config.foreground_fraction,
-        pin_memory=pin_memory, rank=rank, world_size=world_size,
-        storage_options=store.storage_options or None,
+        mode="infinite", start_batch=start, sampler_config=sampler, pin_memory=pin_memory,
+        rank=rank, world_size=world_size, storage_options=store.storage_options or None,
     )
     return iter(loader), loader
 
@@ -183,6 +185,14 @@ class _Session:
             replica = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.forward = torch.compile(replica) if config.compile else replica
+        # EMA of the weights (and GroupNorm has no running buffers to average): torch's own
+        # AveragedModel with get_ema_multi_avg_fn, updated after every optimizer step.
+        self.ema = None
+        if config.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay),
+                                     use_buffers=True)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.use_amp = config.amp and device.type == "cuda"
@@ -199,6 +209,9 @@ class _Session:
         """Continue from rank 0's checkpoint ``saved``, sent to the others (no shared filesystem)."""
         saved = distributed.broadcast_object(self.context, saved)
         self.model.load_state_dict(saved["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(saved["ema_model"])
+            self.ema.n_averaged.fill_(int(saved["ema_n_averaged"]))
         self.optimizer.load_state_dict(saved["optimizer"])
         if saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
@@ -216,7 +229,14 @@ class _Session:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "torch_rng": torch.get_rng_state(), "config": self.config.to_dict(), "meta": self.meta,
             "state": {**self.state, "world_size": self.context.world_size},
+            **({} if self.ema is None else {"ema_model": self.ema.module.state_dict(),
+                                            "ema_n_averaged": int(self.ema.n_averaged)}),
         }, self.run_dir / CHECKPOINT)
+
+    @property
+    def inference_model(self) -> torch.nn.Module:
+        """The weights validated and saved as the run's model: the EMA when on."""
+        return self.model if self.ema is None else self.ema.module
 
     def step(self, batch: dict, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -230,6 +250,8 @@ class _Session:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.state["step"] += 1
         self.state["loss_sum"] += float(loss.detach())
         self.state["loss_count"] += 1
@@ -277,10 +299,11 @@ def _check_world_size(saved: dict[str, Any], run_dir: Path, world_size: int) -> 
 
 
 def _prepare_on_rank_0(config: TrainConfig, store: HippocampusStore, resume: bool,
-                       context: distributed.Context) -> tuple[list[str], list[str], dict | None]:
+                       context: distributed.Context) -> tuple[dict[str, Any], dict | None]:
     """Rank 0 checks or creates the run folder; the others get its split (or its error).
 
-    Returns (train cases, validation cases, the checkpoint to resume from on rank 0 / None).
+    Returns (the split of :func:`hipseg.runs.plan_split`, the checkpoint to resume from on
+    rank 0 / None).
     """
     outcome: Any = None
     saved = None
@@ -295,14 +318,15 @@ def _prepare_on_rank_0(config: TrainConfig, store: HippocampusStore, resume: boo
     outcome = distributed.broadcast_object(context, outcome)
     if isinstance(outcome, BaseException):
         raise outcome
-    return (*outcome, saved)
+    return outcome, saved
 
 
 def _train(config: TrainConfig, store: HippocampusStore, context: distributed.Context, resume: bool,
            progress: bool) -> RunResult:
     main = context.is_main
     device = context.device
-    train_cases, val_cases, saved = _prepare_on_rank_0(config, store, resume, context)
+    split, saved = _prepare_on_rank_0(config, store, resume, context)
+    train_cases, val_cases, monitor_cases = split["train"], split["val"], split["monitor"]
     run_dir = Path(config.out)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -318,8 +342,8 @@ def _train(config: TrainConfig, store: HippocampusStore, context: distributed.Co
 
     index = {c: i for i, c in enumerate(store.case_ids)}
     if main:  # validation runs once, on rank 0
-        val_images = np.stack([store.read_volume(index[c])[0] for c in val_cases])
-        val_labels = np.stack([store.read_volume(index[c])[1] for c in val_cases])
+        val_images = np.stack([store.read_volume(index[c])[0] for c in monitor_cases])
+        val_labels = np.stack([store.read_volume(index[c])[1] for c in monitor_cases])
     make_batches = _patch_batches if meta["spatial_dims"] == 3 else _slice_batches
     batches, loader = make_batches(store, config, train_cases, state["step"],
                                    pin_memory=device.type == "cuda", rank=context.rank,
@@ -365,16 +389,20 @@ def _train(config: TrainConfig, store: HippocampusStore, context: distributed.Co
                 postfix.update(loss=f"{loss:.3f}", samples_s=f"{rate * global_batch:.0f}")
                 bar.set_postfix(postfix)
             if main and (step % config.val_every == 0 or finished):
-                scores = validate(session.model, val_images, val_labels, config,
+                scores = validate(session.inference_model, val_images, val_labels, config,
                                   tuple(meta["window"]), len(class_names), device)
                 dice = {name: float(s) for name, s in zip(class_names[1:], scores, strict=True)}
                 mean = float(np.mean(scores))
                 state["final_dice"] = dice
                 append_metrics(run_dir / METRICS, {"kind": "val", "step": step, "dice": dice,
-                                            "elapsed_s": round(elapsed, 3), "mean_dice": mean})
-                if mean > state["best_mean_dice"]:
+                                            "elapsed_s": round(elapsed, 3), "mean_dice": mean,
+                                            "held_out": bool(val_cases)})
+                if not val_cases:  # monitoring only: the final weights are the run's model
                     state.update(best_mean_dice=mean, best_step=step, best_dice=dice)
-                    save_weights(run_dir / BEST, session.model, config, meta, step, dice)
+                elif mean > state["best_mean_dice"]:
+                    state.update(best_mean_dice=mean, best_step=step, best_dice=dice)
+                    save_weights(run_dir / BEST, session.inference_model, config, meta, step,
+                                 dice)
                 postfix["val_dice"] = f"{mean:.3f}"
                 bar.set_postfix(postfix)
             if main and (step % config.checkpoint_every == 0 or finished):
@@ -394,7 +422,8 @@ def _train(config: TrainConfig, store: HippocampusStore, context: distributed.Co
         steps_per_s=rate, samples_per_s=rate * global_batch,
         best_step=int(state["best_step"]), best_dice=dict(state["best_dice"]),
         best_mean_dice=float(state["best_mean_dice"]), final_dice=dict(state["final_dice"]),
-        checkpoint=str(run_dir / CHECKPOINT), best=str(run_dir / BEST),
+        checkpoint=str(run_dir / CHECKPOINT),
+        best=str(run_dir / (BEST if val_cases else CHECKPOINT)), selection=split["selection"],
         world_size=context.world_size, weights_sha256=list(digests),
     )
     if main:
