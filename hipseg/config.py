@@ -28,6 +28,12 @@ class TrainConfig:
     (docs/training.md): the compact 2D U-Net on axial slices with one neighbouring
     slice on each side as extra channels (2.5D), left-right flips, batch 32, AdamW
     with a one-cycle schedule (short warm-up, cosine decay), Dice + cross-entropy.
+
+    Levers measured by ``hipseg crossval`` (docs/training.md, "Levers, cross-validated"):
+    ``val_fraction = 0`` (train on every case, keep the final weights), explicit
+    ``train_cases`` / ``val_cases``, ``ema_decay`` (EMA of the weights), ``edge_fraction``
+    (share of edge slices among the foreground draws). Their defaults are unchanged
+    until a fold result shows a gain.
     """
 
     store: str
