@@ -6,6 +6,7 @@ An output folder holds::
     store.zarr             the converted store, when a NIfTI folder was given
     fold0/run/             the fold's ``hipseg train`` run folder (its split.json names its cases)
     fold0/evaluation.json  ``hipseg evaluate`` of the run on the held-out fold's cases
+    fold0/report/          its evaluation.md and best/worst overlays
     fold0/result.json      the fold's summary; written last and atomically: a fold that has one is done
     crossval.json          per-class mean and spread across folds: Dice, HD95, edge and middle slices
     crossval.png           per-fold, per-class Dice bars with the spread
@@ -249,7 +250,8 @@ def crossval(
             split = json.loads((run_dir / "split.json").read_text())
             summary = json.loads((run_dir / SUMMARY).read_text())
             document = evaluate(run_dir, nifti, cases=cases, which=which, flip=flip,
-                                json_out=fold_dir / f"evaluation{suffix}.json", progress=progress)
+                                json_out=fold_dir / f"evaluation{suffix}.json",
+                                report_dir=fold_dir / f"report{suffix}", progress=progress)
             result = _fold_result(index, cases, split, summary, document)
             write_json(result_path, result)
         results.append(result)
