@@ -64,7 +64,7 @@ def test_a_prediction_equal_to_the_label_scores_dice_1_in_the_original_grid(
 
     monkeypatch.setattr(evaluate_module, "load_case", remembering_load_case)
     monkeypatch.setattr(evaluate_module, "segment",
-                        lambda runs, image: Segmentation(seen["case"].label, (0, 0, 0), True))
+                        lambda runs, image, **options: Segmentation(seen["case"].label, (0, 0, 0), True))
     doc = evaluate(run, data, json_out=tmp_path / "out" / "eval.json", progress=False)
     assert doc["n_cases"] == 3
     for record in doc["cases"]:
