@@ -187,41 +187,66 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from hipseg.evaluate import evaluate
 
     cases = args.cases if args.cases in (None, "val") else args.cases.split(",")
-    doc = evaluate(
-        args.run_dir,
-        args.data,
-        json_out=args.json,
-        report_dir=args.report,
-        ensemble=args.ensemble,
-        cases=cases,
-        which=args.which,
-        device=args.device,
-        progress=not args.quiet,
-        flip=args.flip,
-    )
+    status = 0
+    try:
+        doc = evaluate(
+            args.run_dir,
+            args.data,
+            json_out=args.json,
+            report_dir=args.report,
+            ensemble=args.ensemble,
+            cases=cases,
+            which=args.which,
+            device=args.device,
+            progress=not args.quiet,
+            flip=args.flip,
+            skip_bad=args.skip_bad,
+        )
+    except SkippedCasesError as error:
+        doc, status = getattr(error, "document", None), 1
+        _print_skipped(error.skipped, "the others were scored" if doc else "nothing was scored")
+        if doc is None:
+            return status
     for name, dice in doc["mean_dice"].items():
         hd = doc["mean_hd95"][name]
         hd_text = "n/a" if hd is None else f"{hd:.2f} mm"
+        worst = doc["hd95_worst_case"][name]
+        if worst:
+            hd_text += f" ({worst} case(s) at the worst-case distance: class missing)"
         print(f"{name:10s} mean Dice {dice:.3f}   mean HD95 {hd_text}")
     print(
         f"{doc['n_cases']} cases, overall mean Dice {doc['overall_mean_dice']:.3f}"
         + (f"; written to {args.json}" if args.json else "")
     )
-    return 0
+    return status
+
+
+def _print_skipped(skipped: list[dict], what: str) -> None:
+    for s in skipped:
+        print(f"skipped {s['case']}: {s['reason']}", file=sys.stderr)
+    print(f"hipseg: {len(skipped)} input(s) skipped; {what} "
+          "(pass --skip-bad to accept that with exit status 0)", file=sys.stderr)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from hipseg.predict import predict
 
-    rows = predict(
-        args.run_dir,
-        args.inputs,
-        args.out,
-        ensemble=args.ensemble,
-        which=args.which,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    status = 0
+    try:
+        rows = predict(
+            args.run_dir,
+            args.inputs,
+            args.out,
+            ensemble=args.ensemble,
+            which=args.which,
+            device=args.device,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+            skip_bad=args.skip_bad,
+        )
+    except SkippedCasesError as error:
+        rows, status = getattr(error, "rows", []), 1
+        _print_skipped(error.skipped, f"{len(rows)} label map(s) written for the rest")
     volume_keys = list(dict.fromkeys(k for row in rows for k in row
                                      if k.endswith("_mm3") and k != "voxel_mm3"))
     for row in rows:
@@ -232,8 +257,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         )
         if row.get("quality") == "flagged":  # full-head scans: never a silent wrong volume
             print(f"  WARNING {row['case']}: {row['quality_reasons']}", file=sys.stderr)
-    print(f"{len(rows)} label map(s) and volumes.csv written under {args.out}")
-    return 0
+    if rows:
+        print(f"{len(rows)} label map(s) and volumes.csv written under {args.out}")
+    return status
 
 
 def _add_model_commands(commands) -> None:
@@ -283,6 +309,8 @@ def _add_model_commands(commands) -> None:
     p.add_argument("run_dir")
     p.add_argument("inputs", help="a NIfTI file or a folder of them")
     p.add_argument("out", help="output folder (or a .nii.gz path for a single input)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (never an input file)")
     _add_inference_options(p)
     p.set_defaults(run=_cmd_predict)
 
@@ -346,6 +374,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", nargs="*", default=[], help="more run folders to average with")
     p.add_argument("--which", default="best", choices=["best", "last"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="exit 0 even when bad inputs were skipped (they are always named)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -364,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
     p.add_argument("--skip-bad", action="store_true", help="exit 0 even when bad cases were skipped")
     p.add_argument("--strict", action="store_true", help="stop at the first bad case")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing hipseg store (never any other folder)")
     p.add_argument("--label-map", help="full-head labels: SOURCE:CLASS pairs, e.g. 17:1,53:1 "
                    "(FreeSurfer hippocampi); writes one crop per hemisphere")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

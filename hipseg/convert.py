@@ -39,6 +39,7 @@ from hipseg.errors import ConfigError, InputError, SkippedCasesError, StoreExist
 from hipseg.hemispheres import parse_label_map, split_sources
 from hipseg.nifti import load_case
 from hipseg.preprocess import crop, derive_roi_shape, label_bbox, normalise_intensity, roi_offset
+from hipseg.safety import check_not_input, is_hipseg_store, owned_by_hipseg
 
 PLAN = "plan.json"
 BLOCKS = "blocks"
@@ -123,7 +124,7 @@ def convert_block(
         foreground.append(store.foreground_samples(labels[i], len(class_names)).tolist())
         volumes.append(
             {
-                "case_id": case.case_id,
+                "case_id": entry["case_id"],  # the discovered id (channel suffix stripped)
                 "image_path": case.image_path,
                 "label_path": case.label_path,
                 "original_shape": list(case.original_shape),
@@ -321,6 +322,10 @@ def _finalise(work: str, plan: dict, shard: int, source: str, target: str, optio
     )
 
 
+def _is_partial_run(path: Path) -> bool:
+    return (path / PLAN).is_file() or (path / STORE).is_dir() or (path / BLOCKS).is_dir()
+
+
 def _existing_fingerprint(location: str, options: dict) -> str | None:
     try:
         return dict(storage.open_group(location, "r", options).attrs)["hipseg"].get("fingerprint")
@@ -385,6 +390,12 @@ def convert(
     if margin < 0:
         raise ConfigError(f"margin must be >= 0, got {margin}")
     workers = workers or min(os.cpu_count() or 1, 4)
+    # Before anything is read or written: the destination must be neither an input nor
+    # around one, and an existing one must be a hipseg store (or its unfinished run).
+    check_not_input(dst, [src])
+    # A local non-store is never replaced; a missing or empty local folder is simply used.
+    dst_holds_store = owned_by_hipseg(dst, is_hipseg_store, "store")
+    owned_by_hipseg(work, _is_partial_run, "unfinished conversion (.partial)")
     sources, skipped_early, class_names = discover(src)
     if not sources and not skipped_early:
         raise InputError(src, "no cases found")
@@ -410,7 +421,7 @@ def convert(
     plan_path = storage.join(work, PLAN)
     plan = storage.read_json(plan_path, options_fs) if storage.exists(plan_path, options_fs) else None
 
-    if storage.exists(dst, options_fs):
+    if storage.exists(dst, options_fs) if at_url else dst_holds_store:
         if _existing_fingerprint(dst, options_fs) == fingerprint:
             existing = store.open_store(dst, options_fs)
             # left over if a run died right after its rename (or, at a URL, its last attribute write)

@@ -15,6 +15,7 @@ partly present) against the *middle* slices.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,13 +25,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hipseg.discovery import discover
-from hipseg.errors import ConfigError, InputError
+from hipseg.errors import ConfigError, InputError, SkippedCasesError
 from hipseg.inference import Segmentation, load_runs, segment
 from hipseg.localise import is_full_head, segment_head
-from hipseg.metrics import EDGE_FRACTION, dice_per_class, edge_middle_dice, hd95_per_class
+from hipseg.metrics import EDGE_FRACTION, dice_per_class, edge_middle_dice, hd95_missing, hd95_per_class
 from hipseg.nifti import from_canonical, load_case, to_canonical
 from hipseg.preprocess import normalise_intensity
 from hipseg.runs import SPLIT
+from hipseg.safety import check_not_input
 from hipseg.store import axis_index
 
 REPORT = "evaluation.md"
@@ -59,6 +61,8 @@ def select_cases(data: str | Path, cases: str | Sequence[str] | None,
         wanted = None
     else:
         wanted = set(cases)
+    if wanted is not None:  # problems of cases not asked for are not this evaluation's
+        skipped = [s for s in skipped if s["case"] in wanted]
     chosen = []
     for source in sources:
         if wanted is not None and source.case_id not in wanted:
@@ -78,7 +82,7 @@ def evaluate(
     run_dir: str | Path, data: str | Path, *, json_out: str | Path | None = None,
     report_dir: str | Path | None = None, ensemble: Sequence[str | Path] = (),
     cases: str | Sequence[str] | None = None, which: str = "best", device: str = "cpu",
-    progress: bool = True, flip: bool = False,
+    progress: bool = True, flip: bool = False, skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Score a trained run on the labelled NIfTI cases of ``data`` in their original grids.
 
@@ -100,13 +104,24 @@ def evaluate(
     flip
         Test-time left-right flip: average the softmax of each crop and its mirror (cropped
         cases; full heads go through ``hipseg.localise``, which does its own mirroring).
+    skip_bad
+        A bad case (unreadable file, shape mismatch, label values...) is always skipped
+        and listed in ``skipped`` with its reason, and every good one scored and written;
+        without ``skip_bad``, :class:`SkippedCasesError` is raised after writing (its
+        ``document`` holds the results).
 
     Returns
     -------
-    The JSON document: mean_dice, mean_hd95, edge_vs_middle, cases, skipped, ...
+    The JSON document: mean_dice, mean_hd95, hd95_worst_case (per class, the number of
+    cases scored at the worst-case distance because the class was missing from the
+    prediction or the label; see :func:`hipseg.metrics.hd95_per_class`), edge_vs_middle,
+    cases, skipped, ...
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
+    for destination in (json_out, report_dir):
+        if destination is not None:  # never into, over or around the data being scored
+            check_not_input(destination, [data], "evaluation output")
     runs = load_runs(run_dir, ensemble, which, device)
     class_names = runs[0].class_names
     n_classes = len(class_names)
@@ -118,7 +133,11 @@ def evaluate(
     records: list[dict[str, Any]] = []
     extremes: dict[str, tuple[float, dict]] = {}
     for source in tqdm(sources, desc="evaluating", unit="case", disable=not progress):
-        case = load_case(source.image, source.label, n_classes)
+        try:
+            case = load_case(source.image, source.label, n_classes)
+        except InputError as error:
+            skipped.append({"case": source.case_id, "reason": str(error)})
+            continue
         normalised, _, _ = normalise_intensity(case.image)
         if is_full_head(case.original_shape, case.affine):  # hipseg.localise: both hippocampi
             head = segment_head(runs, from_canonical(case.image, case.affine), case.affine)
@@ -132,6 +151,7 @@ def evaluate(
         label = from_canonical(case.label, case.affine)
         dice = dice_per_class(prediction, label, n_classes)
         hd95 = hd95_per_class(prediction, label, n_classes, case.spacing)
+        missing = hd95_missing(prediction, label, n_classes)
         edge, middle = edge_middle_dice(result.label, case.label, n_classes, axis)
         voxel_mm3 = float(np.prod(case.spacing))
         predicted_mm3 = np.bincount(prediction.ravel(), minlength=n_classes) * voxel_mm3
@@ -140,6 +160,7 @@ def evaluate(
             "case": case.case_id,
             "dice": dict(zip(names, map(float, dice), strict=True)),
             "hd95": dict(zip(names, hd95, strict=True)),
+            "hd95_worst_case": [n for n, m in zip(names, missing, strict=True) if m],
             "mean_dice": float(np.mean(dice)),
             "edge_dice": dict(zip(names, edge, strict=True)),
             "middle_dice": dict(zip(names, middle, strict=True)),
@@ -159,6 +180,8 @@ def evaluate(
         if "worst" not in extremes or record["mean_dice"] < extremes["worst"][0]:
             extremes["worst"] = (record["mean_dice"], arrays)
 
+    if not records:
+        raise SkippedCasesError(skipped)
     document: dict[str, Any] = {
         "run": str(run_dir),
         "ensemble": [str(e) for e in ensemble],
@@ -168,6 +191,9 @@ def evaluate(
         "n_cases": len(records),
         "mean_dice": {n: float(np.mean([r["dice"][n] for r in records])) for n in names},
         "mean_hd95": {n: _mean([r["hd95"][n] for r in records]) for n in names},
+        "hd95_worst_case": {n: sum(n in r["hd95_worst_case"] for r in records) for n in names},
+        "hd95_convention": "class missing from prediction or label: image diagonal in mm; "
+                           "missing from both: 0",
         "edge_vs_middle": {
             "axis": axis_name, "edge_fraction": EDGE_FRACTION,
             "edge": {n: _mean([r["edge_dice"][n] for r in records]) for n in names},
@@ -184,10 +210,16 @@ def evaluate(
     if json_out is not None:
         json_out = Path(json_out)
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(document, indent=2))
+        temporary = json_out.with_name(f".{json_out.name}.tmp{os.getpid()}")
+        temporary.write_text(json.dumps(document, indent=2))
+        os.replace(temporary, json_out)  # never half a JSON file
         report_dir = Path(report_dir) if report_dir is not None else json_out.parent
     if report_dir is not None:
         write_report(document, Path(report_dir), extremes, axis)
+    if skipped and not skip_bad:
+        error = SkippedCasesError(skipped)
+        error.document = document  # type: ignore[attr-defined]
+        raise error
     return document
 
 
@@ -243,12 +275,17 @@ def write_report(document: dict, out: Path, extremes: dict, axis: int) -> Path:
     ]
     em = document["edge_vs_middle"]
     for n in names:
+        worst = document["hd95_worst_case"][n]
         lines.append(f"| {n} | {_fmt(document['mean_dice'][n])} | "
-                     f"{_fmt(document['mean_hd95'][n], 2)} | "
+                     f"{_fmt(document['mean_hd95'][n], 2)}"
+                     + (f" ({worst} at worst case)" if worst else "") + " | "
                      f"{_fmt(em['edge'][n])} | {_fmt(em['middle'][n])} |")
     lines += ["", f"Edge slices: the first and last {em['edge_fraction']:.0%} of each case's "
               f"labelled range along the {em['axis']} axis, where the hippocampus is only partly "
-              "present; middle: the rest.", ""]
+              "present; middle: the rest.",
+              "", "HD95 convention: a class missing from the prediction or the label scores the "
+              "image diagonal in mm (the worst case; the count is in brackets), a class missing "
+              "from both scores 0; Dice is 1 where a class is missing from both.", ""]
     k = min(3, len(ranked))
     for title, rows in (("Best", ranked[:k]), ("Worst", ranked[::-1][:k])):
         lines += [f"## {title} {k}", "",

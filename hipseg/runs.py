@@ -36,6 +36,7 @@ from hipseg.config import RESUMABLE, TrainConfig, read_config_file
 from hipseg.errors import ConfigError, StoreError
 from hipseg.models import build_model, spatial_dims
 from hipseg.runtime import resolve_device
+from hipseg.safety import check_not_input, owned_by_hipseg
 from hipseg.store import HippocampusStore, axis_index
 
 CHECKPOINT = "checkpoint.pt"
@@ -299,6 +300,11 @@ def check_resume(config: TrainConfig, saved: TrainConfig, run_dir: Path) -> None
                           f"resumed run may change only {sorted(RESUMABLE)} (or start a new --out)")
 
 
+def is_run_folder(path: Path) -> bool:
+    """A folder ``hipseg train`` wrote (its config.json or a checkpoint is there)."""
+    return (path / CONFIG).is_file() or (path / CHECKPOINT).is_file() or (path / SPLIT).is_file()
+
+
 def prepare_folder(config: TrainConfig, store: HippocampusStore,
                     resume: bool) -> dict[str, Any]:
     """Check or create the run folder; return its split (see :func:`plan_split`), new or saved."""
@@ -315,6 +321,9 @@ def prepare_folder(config: TrainConfig, store: HippocampusStore,
         if (run_dir / CHECKPOINT).exists():
             raise ConfigError(f"{run_dir}: holds a run already; pass --resume to continue it or "
                               "choose another --out")
+        # Never into, around or over the store, nor into a folder of other things.
+        check_not_input(run_dir, [config.store], "run folder (--out)")
+        owned_by_hipseg(run_dir, is_run_folder, "run folder")
         run_dir.mkdir(parents=True, exist_ok=True)
         split = plan_split(config, list(store.case_ids))
         write_json(run_dir / SPLIT, split)

@@ -12,7 +12,7 @@ from hipseg.convert import convert
 from hipseg.errors import ConfigError, InputError
 from hipseg.evaluate import evaluate
 from hipseg.inference import Segmentation
-from hipseg.metrics import edge_middle_dice, hd95_per_class
+from hipseg.metrics import edge_middle_dice, hd95_missing, hd95_per_class, image_diagonal_mm
 from hipseg.synth import SynthConfig, make_dataset
 
 
@@ -33,8 +33,21 @@ def test_hd95_of_a_one_voxel_shift_is_the_spacing_along_the_shift():
     label = np.zeros((8, 14, 14), np.uint8)
     label[3:5, 2:12, 2:12] = 1
     shifted = np.roll(label, 1, axis=0)
-    assert hd95_per_class(label, label, 3, (2.0, 1.0, 1.0)) == [0.0, None]
+    assert hd95_per_class(label, label, 3, (2.0, 1.0, 1.0)) == [0.0, 0.0]  # class 2 in neither
     assert hd95_per_class(shifted, label, 3, (2.0, 1.0, 1.0))[0] == pytest.approx(2.0)
+
+
+def test_hd95_of_a_class_missing_from_one_side_is_the_image_diagonal():
+    label = np.zeros((8, 14, 14), np.uint8)
+    label[3:5, 2:12, 2:12] = 1
+    label[6, 6, 6] = 2
+    prediction = np.where(label == 2, 0, label)  # class 2 missed
+    diagonal = float(np.sqrt((8 * 2.0) ** 2 + 14.0 ** 2 + 14.0 ** 2))
+    assert image_diagonal_mm(label.shape, (2.0, 1.0, 1.0)) == pytest.approx(diagonal)
+    assert hd95_per_class(prediction, label, 3, (2.0, 1.0, 1.0)) == [0.0, pytest.approx(diagonal)]
+    assert hd95_missing(prediction, label, 3) == [False, True]
+    # the other way round: predicted but not labelled
+    assert hd95_per_class(label, prediction, 3, (2.0, 1.0, 1.0))[1] == pytest.approx(diagonal)
 
 
 def test_edge_and_middle_slices_are_scored_apart():
@@ -94,7 +107,7 @@ def test_json_schema_and_report_with_a_real_model(oblique_data, make_run, tmp_pa
     assert keys <= set(doc["cases"][0])
     for record in doc["cases"]:
         assert all(0.0 <= d <= 1.0 for d in record["dice"].values())
-        assert all(h is None or h >= 0 for h in record["hd95"].values())
+        assert all(h >= 0 for h in record["hd95"].values())
     report = (tmp_path / "evaluation.md").read_text()
     assert "## Best" in report and "## Worst" in report and "edge slices" in report
     for which in ("best", "worst"):

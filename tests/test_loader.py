@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -11,28 +10,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from hang_guard import no_hang
 
 from hipseg.errors import WorkerError
 from hipseg.loader import SliceLoader
 from hipseg.store import open_store
-
-GUARD_SECONDS = 120
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = GUARD_SECONDS):
-    """Fail the test instead of hanging (SIGALRM interrupts the main thread's blocking wait)."""
-
-    def _raise(signum, frame):
-        raise TimeoutError(f"loader did not answer within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _take(loader, n):
@@ -199,3 +181,11 @@ def test_real_store_batches(real_store):
     assert fg >= 1 / 3
     assert all(set(torch.unique(b["label"]).tolist()) <= {0, 1, 2} for b in batches)
     assert batches[0]["image"].shape[1:] == (3, *open_store(real_store).slice_shape("axial"))
+
+
+def test_the_hang_guard_fails_a_process_tree_that_uses_no_cpu():
+    """The guard the worker tests rely on: an idle wait (a deadlock's signature) is stopped."""
+    import time
+
+    with pytest.raises(TimeoutError, match="hung"), no_hang(idle_seconds=2, check_every=1):
+        time.sleep(60)

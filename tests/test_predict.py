@@ -96,13 +96,13 @@ def test_list_inputs(tmp_path):
     (tmp_path / "images").mkdir()
     for name in ("b.nii.gz", "a.nii", "notes.txt"):
         (tmp_path / "images" / name).write_bytes(b"")
-    assert [p.name for p in list_inputs(tmp_path)] == ["a.nii", "b.nii.gz"]
+    assert [p.name for p in list_inputs(tmp_path)[0]] == ["a.nii", "b.nii.gz"]
     with pytest.raises(InputError, match="NIfTI"):
         list_inputs(tmp_path / "images" / "notes.txt")
     with pytest.raises(InputError, match="no such"):
         list_inputs(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no .nii"):
+    with pytest.raises(InputError, match="no NIfTI"):
         list_inputs(tmp_path / "empty")
 
 
