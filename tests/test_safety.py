@@ -90,7 +90,7 @@ def test_a_foreign_dot_partial_folder_is_not_deleted(data, tmp_path):
 # ---------------------------------------------------------------- predict
 
 
-def _threshold(runs, image):
+def _threshold(runs, image, **options):
     """A stand-in segmenter (the batch policy is under test here, not the network): fast and known."""
     return Segmentation((image > 0.7).astype(np.uint8) + (image > 0.9).astype(np.uint8), (0, 0, 0), True)
 
