@@ -281,7 +281,8 @@ def _add_model_commands(commands) -> None:
     p.set_defaults(run=_cmd_train)
 
     p = commands.add_parser("crossval", help="k-fold cross-validation by case of training settings")
-    p.add_argument("source", help="store from `hipseg convert`, or a NIfTI folder (converted once)")
+    p.add_argument("source", help="local store from `hipseg convert`, or a NIfTI folder "
+                   "(converted once); URLs are refused: crossval needs a local store")
     p.add_argument("--out", required=True, help="output folder (rerun the command to resume)")
     p.add_argument("--folds", type=int, help="number of folds (default 5; 2 with --quick)")
     p.add_argument("--seed", dest="cv_seed", type=int, default=0,

@@ -31,6 +31,7 @@ import numpy as np
 from hipseg.errors import ConfigError, HipsegError
 from hipseg.evaluate import evaluate
 from hipseg.runs import CHECKPOINT, SUMMARY, build_config, split_cases, write_json
+from hipseg.storage import is_url
 from hipseg.store import open_store
 from hipseg.train import train
 
@@ -186,7 +187,8 @@ def crossval(
     Parameters
     ----------
     source
-        A store from ``hipseg convert``, or a NIfTI folder (converted once into ``out/store.zarr``).
+        A local store from ``hipseg convert``, or a NIfTI folder (converted once into
+        ``out/store.zarr``); URLs are refused (see Raises).
     out
         Output folder (layout in the module docstring); rerunning resumes it.
     folds
@@ -212,7 +214,16 @@ def crossval(
     -------
     The crossval document (also written to ``out/crossval.json``): plan, per-fold results
     and the summary of :func:`aggregate`.
+    Raises
+    ------
+    ConfigError
+        ``source``, ``out`` or ``data`` is a URL: cross-validation needs a local store (its
+        folds write run folders and read the NIfTI originals beside it).
     """
+    for name, location in (("source", source), ("out", out), ("data", data)):
+        if is_url(location):
+            raise ConfigError(f"{location}: hipseg crossval needs a local {name} (copy the store "
+                              f"to a local folder first)")
     out = Path(out)
     settings = dict(settings or {})
     for key in ("store", "out", "train_cases", "val_cases"):

@@ -167,3 +167,13 @@ def test_the_command_converts_a_nifti_folder_and_runs_quick(small_dataset, tmp_p
                for f in document["folds"])
     assert (out / "store.zarr").exists()
     assert "mean Dice" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argument", ["source", "out", "data"])
+def test_a_url_is_refused_and_nothing_local_is_created(argument, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kwargs = {"source": str(tmp_path / "store.zarr"), "out": tmp_path / "cv", "data": None}
+    kwargs[argument] = "s3://bucket/hippo.zarr"
+    with pytest.raises(ConfigError, match="needs a local"):
+        cv.crossval(kwargs.pop("source"), kwargs.pop("out"), progress=False, **kwargs)
+    assert list(tmp_path.iterdir()) == []
