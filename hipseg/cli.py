@@ -374,7 +374,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     """Options shared by evaluate and predict: which weights, ensemble, device."""
     p.add_argument("--ensemble", nargs="*", default=[], help="more run folders to average with")
     p.add_argument("--which", default="best", choices=["best", "last"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--skip-bad", action="store_true",
                    help="exit 0 even when bad inputs were skipped (they are always named)")
     p.add_argument("--quiet", action="store_true")

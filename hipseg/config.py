@@ -29,7 +29,7 @@ class TrainConfig:
     slice on each side as extra channels (2.5D), left-right flips, batch 32, AdamW
     with a one-cycle schedule (short warm-up, cosine decay), Dice + cross-entropy.
 
-    Levers measured by ``hipseg crossval`` (docs/training.md, "Levers, cross-validated"):
+    Levers measured by ``hipseg crossval`` (docs/training.md, "Cross-validated accuracy and the levers"):
     ``val_fraction = 0`` (train on every case, keep the final weights), explicit
     ``train_cases`` / ``val_cases``, ``ema_decay`` (EMA of the weights), ``edge_fraction``
     (share of edge slices among the foreground draws). No default changed: in a 5-fold,

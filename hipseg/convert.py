@@ -369,7 +369,8 @@ def convert(
     overwrite
         Replace an existing store at ``dst`` (the old one is removed only once the new one is in place).
     shard_volumes
-        Volumes per shard (and per task); about 8 MiB of crops by default.
+        Volumes per shard (and per task); by default about 4 MiB of image crops and at most 16
+        volumes (:func:`hipseg.store.volumes_per_shard`).
     storage_options
         Filesystem arguments for a URL destination (credentials, ``endpoint_url``); the
         standard environment (``AWS_*``) is used when not given.

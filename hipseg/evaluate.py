@@ -108,7 +108,8 @@ def evaluate(
         A bad case (unreadable file, shape mismatch, label values...) is always skipped
         and listed in ``skipped`` with its reason, and every good one scored and written;
         without ``skip_bad``, :class:`SkippedCasesError` is raised after writing (its
-        ``document`` holds the results).
+        ``document`` holds the results). When no case could be scored it is raised even
+        with ``skip_bad`` (``document`` is then absent).
 
     Returns
     -------

@@ -21,9 +21,10 @@ How one volume is segmented (:func:`segment`), without ever looking at a label:
 5. The crop's labels are put back into the volume (background outside the ROI)
    and the volume is returned to the input's own orientation.
 
-Full-head volumes (e.g. 182x218x182) thus need no label and no manual crop: the
-coarse pass finds the hippocampus, the fine pass segments it. The coarse pass on
-a 182x218x182 head runs the model on about 4,500 slice windows (about 12 s on 2 cores).
+Scans of full-head size (e.g. 182x218x182; :func:`hipseg.localise.is_full_head`) do not
+come here: ``hipseg predict`` sends them through :func:`hipseg.localise.segment_head`
+(template registration locates both hippocampi). The coarse pass above is for volumes
+larger than the ROI but smaller than a head.
 """
 
 from __future__ import annotations

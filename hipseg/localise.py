@@ -57,7 +57,8 @@ HEMISPHERES = ("left", "right")
 # every axis; an adult brain measures about 140 x 170 x 120 mm, a hippocampus crop < 70 mm.
 FULL_HEAD_MIN_MM = 100.0
 # Localisation fails below this correlation of template and registered scan: heads made
-# from the template score 0.85-0.95 and a scan of noise about 0.1 (tests/test_localise.py).
+# from the real template score 0.97-0.99 and a scan of noise about 0 (tests/test_localise.py,
+# docs/training.md).
 MIN_CONFIDENCE = 0.5
 # The head's size relative to the template: adult heads lie within a few per cent of 1.0;
 # outside this range the registration has found something else.

@@ -112,7 +112,8 @@ def predict(run_dir: str | Path, inputs: str | Path, out: str | Path, *,
     skip_bad
         A bad input (unreadable, truncated, NaN/Inf voxels...) is always skipped and named,
         and every good one written; without ``skip_bad``, :class:`SkippedCasesError` is
-        raised at the end (its ``rows`` and ``skipped`` say what was done).
+        raised at the end (its ``rows`` and ``skipped`` say what was done). When no input
+        could be processed it is raised even with ``skip_bad``.
 
     Returns
     -------
