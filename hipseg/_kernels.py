@@ -1,4 +1,6 @@
-"""All Numba kernels: slice classification for the sampler and the fused slice-augmentation pass.
+"""The 2D Numba kernels: slice classification for the sampler and the fused slice-augmentation pass.
+
+The 3D patch kernel is in ``hipseg._kernels3d``.
 
 Kernels are pure functions over arrays: they write into a preallocated ``out``,
 hold no Python objects and draw no random numbers (the callers draw parameters

@@ -338,7 +338,9 @@ def _add_train_options(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--val-every", type=int, help="validate every N steps")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps")
     p.add_argument("--log-every", type=int)
-    p.add_argument("--foreground-fraction", type=float, help="share of slices holding hippocampus")
+    p.add_argument("--foreground-fraction", type=float,
+                   help="share of 2D/2.5D slices holding hippocampus (slice sampling only; "
+                   "--model unet3d trains on whole crops)")
     p.add_argument("--edge-fraction", type=float,
                    help="share of the foreground slices drawn from edge slices (default 0.3)")
     p.add_argument("--ema-decay", type=float, help="EMA of the weights, e.g. 0.999 (default 0: off)")
