@@ -160,6 +160,30 @@ def discover_folders(root: Path) -> tuple[list[CaseSource], list[dict], tuple[st
 
 
 def discover(src: str | Path) -> tuple[list[CaseSource], list[dict], tuple[str, ...]]:
+    """The training cases of a dataset folder, the files skipped on the way, and its class names.
+
+    Parameters
+    ----------
+    src
+        A local folder: a Decathlon or nnU-Net v2 task folder (``dataset.json``; its
+        "training" list, else ``imagesTr/`` + ``labelsTr/``), or a folder holding ``images/``
+        and ``labels/`` (paired by case id, module docstring).
+
+    Returns
+    -------
+    sources
+        One :class:`CaseSource` per case id (image and label paths; either may be None).
+    skipped
+        ``{"case": ..., "reason": ...}`` for each file or entry that is not a usable case.
+    class_names
+        Class names, background first: from ``dataset.json``'s labels, else
+        ``hipseg.store.CLASS_NAMES``.
+
+    Raises
+    ------
+    InputError
+        ``src`` does not exist or has neither layout, or its ``dataset.json`` cannot be used.
+    """
     root = Path(src)
     if (root / "dataset.json").is_file():
         return discover_manifest(root)

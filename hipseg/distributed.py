@@ -87,11 +87,13 @@ def setup(device: torch.device) -> Context:
 
 
 def teardown(context: Context) -> None:
+    """Destroy the process group if this process set it up (``context.owns_group``); else nothing."""
     if context.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(context: Context) -> None:
+    """Wait until every rank gets here (``torch.distributed.barrier``); a no-op in one process."""
     if context.active:
         dist.barrier()
 
@@ -115,6 +117,10 @@ def broadcast_float(context: Context, value: float) -> float:
 
 
 def mean_over_ranks(context: Context, value: float) -> float:
+    """Mean of ``value`` over all ranks (float64 all-reduce), on every rank; ``value`` in one process.
+
+    A collective: every rank must call it, in the same order as the other collectives.
+    """
     if not context.active:
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device(context))

@@ -347,6 +347,19 @@ class HeadSegmentation:
 
 
 def check_localisation(registration: Registration) -> list[str]:
+    """Why a registration cannot be trusted; empty when it can.
+
+    Parameters
+    ----------
+    registration
+        From :func:`register`: ``confidence`` (Pearson correlation, -1..1) and ``scales``
+        (singular values of the template-to-scan linear part, unitless).
+
+    Returns
+    -------
+    One reason per failed check: correlation below ``MIN_CONFIDENCE``, or a scale outside
+    ``SCALE_RANGE``. Raises nothing; callers flag the scan and write no volumes.
+    """
     reasons = []
     if not registration.confidence >= MIN_CONFIDENCE:
         reasons.append(f"localisation failed: template correlation {registration.confidence:.2f} "
@@ -360,6 +373,19 @@ def check_localisation(registration: Registration) -> list[str]:
 
 
 def check_volumes(volumes_mm3: dict[str, np.ndarray]) -> list[str]:
+    """Why segmented hippocampal volumes are implausible for an adult; empty when they are not.
+
+    Parameters
+    ----------
+    volumes_mm3
+        ``{hemisphere: per-class volumes}``, each a float array of shape (n_classes,) in mm^3
+        with background at index 0 (ignored).
+
+    Returns
+    -------
+    One reason per hemisphere whose foreground total lies outside ``VOLUME_RANGE_MM3``
+    (1,000-8,000 mm^3; sources beside the constant). Raises nothing.
+    """
     low, high = VOLUME_RANGE_MM3
     reasons = []
     for hemisphere, per_class in volumes_mm3.items():

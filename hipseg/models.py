@@ -156,6 +156,13 @@ def build_model(name: str, in_channels: int, out_channels: int, **options: Any) 
 
 
 def spatial_dims(name: str) -> int:
+    """2 for the slice models (``unet``, ``attention-unet``, ``separable-unet``), 3 for ``unet3d``.
+
+    Raises
+    ------
+    ConfigError
+        Unknown model name.
+    """
     return model_spec(name).spatial_dims
 
 

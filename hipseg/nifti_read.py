@@ -49,6 +49,10 @@ def nifti_suffix(path: str | Path) -> str | None:
 
 
 def is_nifti_name(path: str | Path) -> bool:
+    """True when ``path``'s name ends in ``.nii``, ``.nii.gz``, ``.hdr`` or ``.hdr.gz``, any letter case.
+
+    The name alone: nothing is read, and a ``.img`` (the data half of a pair) is False.
+    """
     return nifti_suffix(path) is not None
 
 

@@ -55,6 +55,21 @@ def save_atomic(image: nib.Nifti1Image, target: Path) -> None:
 
 
 def write_volumes_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``volumes.csv`` atomically: a hidden temporary beside ``path``, then renamed.
+
+    Parameters
+    ----------
+    path
+        Local destination, replaced if present.
+    rows
+        One dict per case (``case``, ``<class>_mm3`` volumes in mm^3, ...); the columns are
+        the union of the rows' keys in first-seen order, blank where a row lacks one.
+
+    Raises
+    ------
+    OSError
+        The folder cannot be written; ``path`` itself is then unchanged.
+    """
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fields = list(dict.fromkeys(key for row in rows for key in row))  # full-head rows add columns
     with open(temporary, "w", newline="") as handle:

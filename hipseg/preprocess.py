@@ -20,6 +20,21 @@ def normalise_intensity(image: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def apply_normalisation(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map intensities ``lo``..``hi`` linearly to 0..1 and clip outside.
+
+    Parameters
+    ----------
+    image
+        Any shape and real dtype.
+    lo, hi
+        The volume's bounds in its own intensity units (the stored [p0.5, p99.5] of
+        :func:`normalise_intensity`).
+
+    Returns
+    -------
+    float32 array of ``image``'s shape in [0, 1]; all zeros when ``hi <= lo`` (a constant
+    volume). Raises nothing.
+    """
     scale = 1.0 / (hi - lo) if hi > lo else 0.0
     return np.clip((image.astype(np.float32) - lo) * scale, 0.0, 1.0).astype(np.float32)
 

@@ -21,6 +21,19 @@ def default_workers() -> int:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device named on the command line.
+
+    Parameters
+    ----------
+    name
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (any name ``torch.device`` accepts), or ``"auto"``:
+        CUDA when available, else CPU.
+
+    Raises
+    ------
+    ConfigError
+        An unknown name, or a CUDA device asked for where CUDA is not available.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -300,6 +300,24 @@ class HippocampusStore:
         return self.group[LABELS]
 
     def slice_table(self, axis: str) -> np.ndarray:
+        """The slice index table of one view, read whole.
+
+        Parameters
+        ----------
+        axis
+            ``"sagittal"``, ``"coronal"`` or ``"axial"``.
+
+        Returns
+        -------
+        int32 array of shape (N * S, 2 + K): rows (volume, slice, then the voxel count of
+        each of the K foreground classes in that slice), S the crop's length along ``axis``
+        (docs/store-format.md).
+
+        Raises
+        ------
+        StoreError
+            Unknown ``axis``.
+        """
         axis_index(axis)
         return np.asarray(self.group[f"{SLICES}/{axis}"][...])
 
