@@ -1,19 +1,7 @@
 """Training: a store and a TrainConfig in, a run folder with checkpoints, metrics and curves out.
 
-A run folder holds::
-
-    config.json       the TrainConfig (plain JSON; ``--resume`` reads it back)
-    split.json        validation and training case ids (by case, so no slice leaks)
-    metrics.jsonl     one JSON object per log line: training loss, lr, speed, validation Dice
-    curve.png         loss and validation Dice against steps
-    checkpoint.pt     everything needed to continue (weights, optimizer, step, RNG, timers)
-    best.pt           the weights with the best validation Dice so far
-    run.json          the summary written at the end (a RunResult)
-
-Every ``.pt`` file holds only tensors and plain Python values, so
-``torch.load(path, weights_only=True)`` reads it without running any code, and is
-written to a temporary file first and renamed into place, so a run killed at any
-moment leaves either the old or the new checkpoint, never half of one.
+The run folder's layout, its atomic checkpoints and how a trained run is loaded back are
+:mod:`hipseg.runs`' concern; this module is the step loop that fills it.
 
 Resuming: batch ``k`` of the sampler stream is a pure function of (seed, k), so a
 resumed run asks the loader for batches from the checkpoint's step on and ends
