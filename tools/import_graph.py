@@ -35,7 +35,7 @@ def imports() -> dict[str, set[str]]:
 def main() -> None:
     graph = imports()
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def level(name: str) -> int:
         return 1 + max((level(d) for d in graph[name]), default=0)
 
