@@ -32,22 +32,27 @@ Assumes an adult T1-weighted MRI of the head or brain.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from hipseg.errors import ConfigError
 from hipseg.inference import run_probabilities
 from hipseg.preprocess import normalise_intensity
 from hipseg.runs import LoadedRun
 
-TEMPLATE = "mni152_t1_4mm.nii.gz"
+# nilearn ships this 1 mm head template in its wheel; block-averaged by TEMPLATE_FACTOR.
+TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+TEMPLATE_FACTOR = 4
 # Centres of the bounding boxes of FreeSurfer's Left-Hippocampus (17) and Right-Hippocampus (53)
-# in the aparc+aseg of the cvs_avg35_inMNI152 subject (MNI mm, RAS+), as printed by
-# tools/make_template.py. Bounding-box centres, as `hipseg convert` centres training crops.
+# in the aparc+aseg of the cvs_avg35_inMNI152 subject (MNI mm, RAS+; $HIPSEG_DATA/fullhead,
+# checked against the atlas). Bounding-box centres, as `hipseg convert` centres training crops.
 # The boxes span 27 x 41 x 39 mm (left) and 32 x 39 x 40 mm (right): the model's ROI
 # (48 x 64 x 48 on the Decathlon) leaves a margin of at least 4 mm on every side.
 HIPPOCAMPUS_CENTRE_MM = {"left": (-24.0, -26.0, -13.0), "right": (22.5, -24.0, -11.5)}
@@ -84,11 +89,37 @@ def is_full_head(shape: Sequence[int], affine: np.ndarray) -> bool:
     return bool(np.all(np.asarray(shape[:3]) * spacing >= FULL_HEAD_MIN_MM))
 
 
+@functools.cache
+def _template_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (X, Y, Z) RAS+ template at 4 mm and its affine, derived once per process."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("full-head localisation reads the ICBM152 template that nilearn ships; "
+                          "install it with `pip install nilearn`")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / TEMPLATE
+    if not path.is_file():
+        raise ConfigError(f"{path}: the ICBM152 template is missing from the installed nilearn")
+    image = nib.as_closest_canonical(nib.load(str(path)))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    f = TEMPLATE_FACTOR
+    even = [s - s % f for s in data.shape]
+    coarse = data[: even[0], : even[1], : even[2]].reshape(
+        even[0] // f, f, even[1] // f, f, even[2] // f, f).mean(axis=(1, 3, 5))
+    step = np.diag([float(f)] * 3 + [1.0])
+    step[:3, 3] = (f - 1) / 2.0  # each coarse voxel's centre is its block's centre
+    scaled = np.clip(coarse / np.percentile(coarse, 99.9), 0, 1) * 255
+    return np.round(scaled).astype(np.uint8), image.affine @ step
+
+
 def load_template() -> nib.Nifti1Image:
-    """The packaged MNI152 T1 template, 4 mm, uint8, RAS+ (hipseg/data/README.md: source, licence)."""
-    with resources.as_file(resources.files("hipseg") / "data" / TEMPLATE) as path:
-        image = nib.load(str(path))
-        return nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header)
+    """The MNI ICBM152 T1 template block-averaged to 4 mm, uint8, RAS+ (a fresh copy each call).
+
+    Read from nilearn's package data (``mni_icbm152_t1_tal_nlin_sym_09a_converted``: Fonov
+    et al. 2011, NeuroImage 54:313-327; licence notice in hipseg/data/README.md), so nothing is
+    downloaded and hipseg tracks no image file. Raises ConfigError without nilearn.
+    """
+    data, affine = _template_arrays()
+    return nib.Nifti1Image(data.copy(), affine)
 
 
 def _to_sitk(data: np.ndarray, affine: np.ndarray):

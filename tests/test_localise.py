@@ -112,8 +112,10 @@ def test_full_head_rule():
 
 
 def test_packaged_template():
+    """nilearn's 1 mm ICBM152 head (197 x 233 x 189) in 4 mm blocks, RAS+, read without a download."""
     template = load_template()
-    assert template.shape == (45, 54, 45)
+    assert template.shape == (197 // 4, 233 // 4, 189 // 4)
+    assert template.get_data_dtype() == np.uint8 and np.asarray(template.dataobj).max() == 255
     assert nib.aff2axcodes(template.affine) == ("R", "A", "S")
     np.testing.assert_allclose(np.linalg.norm(template.affine[:3, :3], axis=0), 4.0)
     # MNI (0, 0, 0) (the anterior commissure) lies inside the brain: bright tissue there
@@ -185,14 +187,14 @@ def test_segment_head_recovers_the_painted_hippocampi(head_case):
     scores = hemisphere_agreement(result.label, truth, head.header.get_zooms()[:3])
     voxel = abs(np.linalg.det(head.affine[:3, :3]))
     for side, value in (("left", 1), ("right", 2)):
-        # Measured once (threshold model, these four heads): Dice 0.835-0.875, all predicted
-        # voxels within 3 mm, volume 0.72-0.78 of the true one (interpolated tube edges fall
-        # under the threshold).
+        # Measured once (threshold model, these four heads, the ICBM152 template): Dice
+        # 0.861-0.896, all predicted voxels within 3 mm, volume 0.77-0.83 of the true one
+        # (interpolated tube edges fall under the threshold).
         assert scores[side]["dice"] > 0.8, (name, side, scores[side])
         assert scores[side]["within_mm"] > 0.99, (name, side, scores[side])
         true_mm3 = (truth == value).sum() * voxel
         predicted_mm3 = result.volumes_mm3[side][1:].sum()
-        assert 0.68 < predicted_mm3 / true_mm3 < 0.82, (name, side, predicted_mm3, true_mm3)
+        assert 0.72 < predicted_mm3 / true_mm3 < 0.88, (name, side, predicted_mm3, true_mm3)
         assert np.all(truth[result.hemispheres[side] > 0] != 3 - value)  # never the other side
 
 
