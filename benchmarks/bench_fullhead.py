@@ -83,6 +83,7 @@ class FullHeadPredict:
         if mode == "localiser":
             segment_head([self.run], cache["data"], cache["affine"])
         elif mode == "coarse-pass":
-            segment([self.run], self.canonical)
+            # flip=False: the coarse pass as recorded in docs/benchmarks.md, before the flip default
+            segment([self.run], self.canonical, flip=False)
         else:
             register(cache["data"], cache["affine"])

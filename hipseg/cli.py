@@ -243,6 +243,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             overwrite=args.overwrite,
             skip_bad=args.skip_bad,
+            flip=args.flip,
         )
     except SkippedCasesError as error:
         rows, status = getattr(error, "rows", []), 1
@@ -291,7 +292,7 @@ def _add_model_commands(commands) -> None:
     p.add_argument("--config", help="JSON or TOML file of training settings (flags override it)")
     p.add_argument("--quick", action="store_true", help="few steps and folds: a smoke run")
     p.add_argument("--which", default="best", choices=["best", "last"])
-    p.add_argument("--flip", action="store_true", help="test-time left-right flip")
+    _add_flip_option(p)
     _add_train_options(p, seed=False)
     p.set_defaults(run=_cmd_crossval)
 
@@ -301,8 +302,7 @@ def _add_model_commands(commands) -> None:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--report", help="folder for evaluation.md and overlays (default: by --json)")
     p.add_argument("--cases", help="'val' (the run's held-out cases) or comma-separated case ids")
-    p.add_argument("--flip", action="store_true",
-                   help="test-time augmentation: average with the left-right mirror")
+    _add_flip_option(p)
     _add_inference_options(p)
     p.set_defaults(run=_cmd_evaluate)
 
@@ -312,8 +312,15 @@ def _add_model_commands(commands) -> None:
     p.add_argument("out", help="output folder (or a .nii.gz path for a single input)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (never an input file)")
+    _add_flip_option(p)
     _add_inference_options(p)
     p.set_defaults(run=_cmd_predict)
+
+
+def _add_flip_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="test-time augmentation: average the softmax with that of the left-right "
+                        "mirror (default on, chosen by cross-validation: docs/training.md)")
 
 
 def _add_train_options(p: argparse.ArgumentParser, seed: bool = True) -> None:

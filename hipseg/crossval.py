@@ -14,9 +14,9 @@ An output folder holds::
 Resuming is rerunning the same command: a fold with a result.json is not rerun, a fold
 whose training was interrupted resumes from its checkpoint (``hipseg train --resume``), so
 ``kill -9`` at any moment loses at most the steps since the last checkpoint. Evaluating
-the same trained folds another way (``flip``, ``which="last"``) writes result files and
-summaries with a suffix (``result-flip.json``, ``crossval-flip.json``) beside the others
-and trains nothing.
+the same trained folds another way (``flip=False``, ``which="last"``) writes result files
+and summaries with a suffix (``result-noflip.json``, ``crossval-last.json``) beside the
+others and trains nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 
 from hipseg.errors import ConfigError, HipsegError
 from hipseg.evaluate import evaluate
+from hipseg.inference import TEST_TIME_FLIP
 from hipseg.runs import CHECKPOINT, SUMMARY, build_config, split_cases, write_json
 from hipseg.storage import is_url
 from hipseg.store import open_store
@@ -57,7 +58,7 @@ def fold_cases(case_ids: Sequence[str], folds: int, seed: int) -> list[list[str]
 
 
 def _suffix(which: str, flip: bool) -> str:
-    return ("-last" if which == "last" else "") + ("-flip" if flip else "")
+    return ("-last" if which == "last" else "") + ("" if flip else "-noflip")
 
 
 def _resolve_source(source: str | Path, out: Path, data: str | Path | None,
@@ -179,7 +180,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
 def crossval(
     source: str | Path, out: str | Path, *, folds: int | None = None, seed: int = 0,
     data: str | Path | None = None, settings: dict[str, Any] | None = None, quick: bool = False,
-    which: str = "best", flip: bool = False, progress: bool = True,
+    which: str = "best", flip: bool = TEST_TIME_FLIP, progress: bool = True,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """k-fold cross-validation by case of the training settings ``settings``.

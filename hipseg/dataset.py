@@ -59,6 +59,7 @@ from hipseg.sampler import (
 from hipseg.shm import allocate, cache_folder, cache_name, existing_folder
 from hipseg.store import AXIS_NAMES, HippocampusStore, open_store
 from hipseg.streams import SampleStreams, sample_keys
+from hipseg.worker_exit import guard_worker_exit
 
 CACHES = ("ram", "stream")
 STREAM_CACHE_BYTES = 256 << 20  # per worker: recently read volumes kept decoded
@@ -296,6 +297,7 @@ class _VolumeSourceMixin:
 
     def _volumes(self) -> Any:
         if self._source is None or self._source_pid != os.getpid():
+            guard_worker_exit()  # a new process: in a spawned DataLoader worker, exit cleanly
             if self._cache_kind == "ram":
                 self._source = _RamVolumes(*self._source_args, self._cache_path,
                                            self._source_options)

@@ -17,7 +17,8 @@ from hipseg.train import build_config, train
 
 
 def _posed_head(folder: Path) -> Path:
-    """A full head from the ICBM152 template (hipseg.localise.load_template) with a synthetic tube painted per hemisphere."""
+    """A full head from the ICBM152 template (hipseg.localise.load_template) with a synthetic
+    tube painted per hemisphere."""
     folder.mkdir(parents=True, exist_ok=True)
     head, label = make_head(*painted_template(seed=1), make_pose((12, -8, 10), (6, -9, 4), 1.04),
                             axcodes="LPS", neck=False, rng=np.random.default_rng(1))

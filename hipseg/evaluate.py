@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from hipseg.discovery import discover
 from hipseg.errors import ConfigError, InputError, SkippedCasesError
-from hipseg.inference import Segmentation, load_runs, segment
+from hipseg.inference import TEST_TIME_FLIP, Segmentation, load_runs, segment
 from hipseg.localise import is_full_head, segment_head
 from hipseg.metrics import EDGE_FRACTION, dice_per_class, edge_middle_dice, hd95_missing, hd95_per_class
 from hipseg.nifti import from_canonical, load_case, to_canonical
@@ -82,7 +82,7 @@ def evaluate(
     run_dir: str | Path, data: str | Path, *, json_out: str | Path | None = None,
     report_dir: str | Path | None = None, ensemble: Sequence[str | Path] = (),
     cases: str | Sequence[str] | None = None, which: str = "best", device: str = "cpu",
-    progress: bool = True, flip: bool = False, skip_bad: bool = False,
+    progress: bool = True, flip: bool = TEST_TIME_FLIP, skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Score a trained run on the labelled NIfTI cases of ``data`` in their original grids.
 
@@ -102,8 +102,9 @@ def evaluate(
     cases
         None (all), ``"val"`` (the run's held-out cases) or a list of case ids.
     flip
-        Test-time left-right flip: average the softmax of each crop and its mirror (cropped
-        cases; full heads go through ``hipseg.localise``, which does its own mirroring).
+        Test-time left-right flip (default on, ``inference.TEST_TIME_FLIP``): average the
+        softmax of each crop and its mirror (cropped cases; full heads go through
+        ``hipseg.localise``, which does its own mirroring).
     skip_bad
         A bad case (unreadable file, shape mismatch, label values...) is always skipped
         and listed in ``skipped`` with its reason, and every good one scored and written;

@@ -130,7 +130,8 @@ def freesurfer_hippocampi(atlas: nib.Nifti1Image) -> nib.Nifti1Image:
 
 
 def painted_template(seed: int = 0, contrast: float = 1.3) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
-    """The ICBM152 template (hipseg.localise.load_template) at 1 mm with a synthetic hippocampus tube painted in each hemisphere.
+    """The ICBM152 template (hipseg.localise.load_template) at 1 mm with a synthetic
+    hippocampus tube painted in each hemisphere.
 
     For the demo and tests without real data: the model trained on hipseg's synthetic tubes
     (:mod:`hipseg.synth`) can segment these, and their labels are exact. Returns (head float32,

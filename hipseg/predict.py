@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from hipseg.discovery import list_inputs
 from hipseg.errors import InputError, SkippedCasesError
-from hipseg.inference import load_runs, segment
+from hipseg.inference import TEST_TIME_FLIP, load_runs, segment
 from hipseg.localise import is_full_head, segment_head, volume_columns
 from hipseg.nifti import case_id_from_path, from_canonical, load_case
 from hipseg.nifti_read import is_nifti_name, nifti_suffix
@@ -111,7 +111,7 @@ def plan_outputs(files: Sequence[Path], out: Path, overwrite: bool) -> tuple[Pat
 def predict(run_dir: str | Path, inputs: str | Path, out: str | Path, *,
             ensemble: Sequence[str | Path] = (), which: str = "best", device: str = "cpu",
             progress: bool = True, overwrite: bool = False,
-            skip_bad: bool = False) -> list[dict[str, Any]]:
+            skip_bad: bool = False, flip: bool = TEST_TIME_FLIP) -> list[dict[str, Any]]:
     """Write a label map per input NIfTI and a CSV of hippocampal volumes (mm^3 per class).
 
     Parameters
@@ -129,6 +129,9 @@ def predict(run_dir: str | Path, inputs: str | Path, out: str | Path, *,
         and every good one written; without ``skip_bad``, :class:`SkippedCasesError` is
         raised at the end (its ``rows`` and ``skipped`` say what was done). When no input
         could be processed it is raised even with ``skip_bad``.
+    flip
+        Test-time left-right flip of scans smaller than a head (default on,
+        ``inference.TEST_TIME_FLIP``); full heads are always mirrored by ``hipseg.localise``.
 
     Returns
     -------
@@ -161,7 +164,7 @@ def predict(run_dir: str | Path, inputs: str | Path, out: str | Path, *,
                         "located": head.quality.localised, **volume_columns(head, class_names)})
         else:
             normalised, _, _ = normalise_intensity(case.image)
-            result = segment(runs, normalised)
+            result = segment(runs, normalised, flip=flip)
             label = from_canonical(result.label, case.affine)
             counts = np.bincount(label.ravel(), minlength=len(class_names))
             row.update({"shape": "x".join(map(str, label.shape)), "voxel_mm3": voxel_mm3,

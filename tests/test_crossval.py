@@ -142,9 +142,10 @@ def test_another_evaluation_reuses_the_trained_folds(finished, small_store, smal
     out, *_ = finished
     monkeypatch.setattr(cv, "train", _Counter(cv.train, fail_on="fold0"))
     document = cv.crossval(small_store, out, folds=3, data=small_dataset, settings=SETTINGS,
-                           flip=True, progress=False)
-    assert document["flip"] and all(f["flip"] for f in document["folds"])
-    assert (out / "crossval-flip.json").exists() and (out / "fold2" / "result-flip.json").exists()
+                           flip=False, progress=False)
+    assert not document["flip"] and not any(f["flip"] for f in document["folds"])
+    assert (out / "crossval-noflip.json").exists() and (out / "fold2" / "result-noflip.json").exists()
+    assert json.loads((out / "fold2" / "result.json").read_text())["flip"]  # the default's, kept
 
 
 def test_other_settings_in_the_same_folder_are_refused(finished, small_store, small_dataset):

@@ -43,3 +43,23 @@ def test_segment_passes_flip_to_the_fine_pass():
     assert a.label.shape == volume.shape and a.label.dtype == np.uint8
     if a.offset == b.offset:  # same ROI placement: the labels mirror exactly
         np.testing.assert_array_equal(a.label, b.label[::-1])
+
+
+def test_the_flip_is_on_by_default_and_can_be_turned_off():
+    """The default chosen by cross-validation (inference.TEST_TIME_FLIP), in every command."""
+    import inspect
+
+    from hipseg.cli import build_parser
+    from hipseg.crossval import crossval
+    from hipseg.evaluate import evaluate
+    from hipseg.inference import TEST_TIME_FLIP
+    from hipseg.predict import predict
+
+    assert TEST_TIME_FLIP is True
+    for function in (segment, evaluate, predict, crossval):
+        assert inspect.signature(function).parameters["flip"].default is TEST_TIME_FLIP
+    parser = build_parser()
+    for argv in (["evaluate", "RUN", "DATA"], ["predict", "RUN", "IN", "OUT"],
+                 ["crossval", "STORE", "--out", "CV"]):
+        assert parser.parse_args(argv).flip is True
+        assert parser.parse_args([*argv, "--no-flip"]).flip is False

@@ -150,7 +150,7 @@ def test_label_maps_are_written_in_each_inputs_grid_and_affine(mixed_inputs, mak
 def test_labels_land_on_the_voxels_they_were_predicted_for(mixed_inputs, make_run, synth_store,
                                                            tmp_path, monkeypatch):
     """A segmenter thresholding the canonical image must give the threshold of the file itself."""
-    monkeypatch.setattr(predict_module, "segment", lambda runs, image: Segmentation(
+    monkeypatch.setattr(predict_module, "segment", lambda runs, image, flip: Segmentation(
         (image > 0.8).astype(np.uint8) + (image > 0.95).astype(np.uint8), (0, 0, 0), True))
     run = make_run(synth_store, tmp_path / "run", val_cases=[])
     for row in predict(run, mixed_inputs, tmp_path / "out", progress=False):
