@@ -249,9 +249,10 @@ def crossval(
     for index, cases in enumerate(parts):
         fold_dir = out / f"fold{index}"
         result_path = fold_dir / f"result{suffix}.json"
-        if result_path.exists():
-            result = json.loads(result_path.read_text())
-        else:
+        result = json.loads(result_path.read_text()) if result_path.exists() else None
+        # Reuse a result only if it was scored this way: before the flip became the default,
+        # result.json held the unflipped scores, and such a folder is scored again.
+        if result is None or result.get("flip", False) != flip:
             run_dir = fold_dir / "run"
             pool = sorted(set(store.case_ids) - set(cases))
             train_cases, val_cases = split_cases(pool, base.val_fraction, seed)

@@ -178,3 +178,18 @@ def test_a_url_is_refused_and_nothing_local_is_created(argument, tmp_path, monke
     with pytest.raises(ConfigError, match="needs a local"):
         cv.crossval(kwargs.pop("source"), kwargs.pop("out"), progress=False, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_result_scored_another_way_is_scored_again(finished, small_store, small_dataset,
+                                                     monkeypatch):
+    """A folder from before the flip default kept its unflipped scores in result.json."""
+    out, *_ = finished
+    path = out / "fold1" / "result.json"
+    stale = json.loads(path.read_text()) | {"flip": False, "mean_dice": -1.0}
+    path.write_text(json.dumps(stale))
+    trained = _Counter(cv.train)
+    monkeypatch.setattr(cv, "train", trained)
+    document = cv.crossval(small_store, out, folds=3, data=small_dataset, settings=SETTINGS,
+                           progress=False)
+    assert all(f["flip"] for f in document["folds"]) and document["folds"][1]["mean_dice"] >= 0
+    assert json.loads(path.read_text())["flip"] and trained.calls == []  # re-scored, not trained
