@@ -292,7 +292,8 @@ def _add_model_commands(commands) -> None:
     p.add_argument("--config", help="JSON or TOML file of training settings (flags override it)")
     p.add_argument("--quick", action="store_true", help="few steps and folds: a smoke run")
     p.add_argument("--which", default="best", choices=["best", "last"])
-    _add_flip_option(p)
+    _add_flip_option(p, "; --no-flip or --which last on a finished folder re-scores the trained "
+                        "folds without training")
     _add_train_options(p, seed=False)
     p.set_defaults(run=_cmd_crossval)
 
@@ -312,15 +313,15 @@ def _add_model_commands(commands) -> None:
     p.add_argument("out", help="output folder (or a .nii.gz path for a single input)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (never an input file)")
-    _add_flip_option(p)
+    _add_flip_option(p, "; full heads are always mirrored by the localiser")
     _add_inference_options(p)
     p.set_defaults(run=_cmd_predict)
 
 
-def _add_flip_option(p: argparse.ArgumentParser) -> None:
+def _add_flip_option(p: argparse.ArgumentParser, extra: str = "") -> None:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time augmentation: average the softmax with that of the left-right "
-                        "mirror (default on, chosen by cross-validation: docs/training.md)")
+                        "mirror (default on, chosen by cross-validation: docs/training.md)" + extra)
 
 
 def _add_train_options(p: argparse.ArgumentParser, seed: bool = True) -> None:

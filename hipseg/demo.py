@@ -50,7 +50,7 @@ def run_demo(out: Path, steps: int = 300, cases: int = 24, progress: bool = True
         f"{result.best_mean_dice:.3f}"
     )
 
-    print("[4/5] evaluating on the validation cases in their original grids")
+    print("[4/5] evaluating on the validation cases in their original grids (test-time flip on)")
     evaluation = evaluate(
         out / "run",
         data,
@@ -78,6 +78,6 @@ def run_demo(out: Path, steps: int = 300, cases: int = 24, progress: bool = True
     if head["quality_reasons"]:
         print(f"  flagged: {head['quality_reasons']}")
     rows += predict(out / "run", data / "imagesTr", out / "predictions" / "crops", progress=progress)
-    print(f"  {len(rows)} label maps with hippocampal volumes in predictions/*/volumes.csv")
+    print(f"  {len(rows)} label maps with hippocampal volumes in {out / 'predictions'}/*/volumes.csv")
     print(f"done: see {out / 'report'} for the evaluation report and {out / 'run' / 'curve.png'}")
     return {"steps_per_s": result.steps_per_s, "mean_dice": evaluation["mean_dice"]}

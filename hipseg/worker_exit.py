@@ -35,7 +35,8 @@ _registered_pid = -1
 
 
 def join_queue_feeders(timeout: float = FEEDER_JOIN_SECONDS) -> None:
-    """Wait (at most ``timeout`` seconds in all) for this process's queue feeder threads."""
+    """Wait for this process's queue feeder threads, at most ``timeout`` seconds for each
+    (a DataLoader worker has one: the feeder of its data queue)."""
     for thread in threading.enumerate():
         if thread.name == FEEDER_THREAD_NAME and thread.is_alive():
             thread.join(timeout)
