@@ -124,13 +124,6 @@ class AugmentParams:
     noise_seed: np.ndarray  # uint64 (B,)
 
     @classmethod
-    def concat(cls, parts: Sequence[AugmentParams]) -> AugmentParams:
-        """One batch's parameters from several (e.g. one generator per sample)."""
-        names = ("flips", "angles", "ctrl", "intensity", "noise_seed")
-        return cls(*(np.ascontiguousarray(np.concatenate([getattr(p, n) for p in parts]))
-                     for n in names))
-
-    @classmethod
     def identity(cls, batch: int) -> AugmentParams:
         intensity = np.zeros((batch, 3), np.float32)
         intensity[:, 0] = 1.0

@@ -91,11 +91,6 @@ class PatchParams:
     intensity: np.ndarray  # float32 (B, 3): scale, shift, noise std
     noise_seed: np.ndarray  # uint64 (B,)
 
-    @classmethod
-    def concat(cls, parts: list[PatchParams]) -> PatchParams:
-        return cls(*(np.ascontiguousarray(np.concatenate([getattr(p, f) for p in parts]))
-                     for f in ("matrices", "ctrl", "intensity", "noise_seed")))
-
 
 class PatchAugmenter:
     """Draws parameters and runs the fused 3D kernel for one patch shape (P0, P1, P2).

@@ -160,13 +160,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_crossval(args: argparse.Namespace) -> int:
-    from hipseg.config import read_config_file
     from hipseg.crossval import crossval
+    from hipseg.runs import explicit_settings
 
-    settings = dict(read_config_file(args.config)) if args.config else {}
-    settings.update({k: v for k, v in _train_overrides(args).items() if v is not None})
-    if "steps" in settings and "max_minutes" not in settings:
-        settings["max_minutes"] = None
+    settings = explicit_settings(args.config, _train_overrides(args))
     doc = crossval(args.source, args.out, folds=args.folds, seed=args.cv_seed, data=args.data,
                    settings=settings, quick=args.quick, which=args.which, flip=args.flip,
                    progress=not args.quiet)
@@ -313,7 +310,7 @@ def _add_model_commands(commands) -> None:
     p.add_argument("out", help="output folder (or a .nii.gz path for a single input)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (never an input file)")
-    _add_flip_option(p, "; full heads are always mirrored by the localiser")
+    _add_flip_option(p)
     _add_inference_options(p)
     p.set_defaults(run=_cmd_predict)
 

@@ -32,10 +32,8 @@ class TrainConfig:
     Levers measured by ``hipseg crossval`` (docs/training.md, "Cross-validated accuracy and the levers"):
     ``val_fraction = 0`` (train on every case, keep the final weights), explicit
     ``train_cases`` / ``val_cases``, ``ema_decay`` (EMA of the weights), ``edge_fraction``
-    (share of edge slices among the foreground draws). No default changed: in a 5-fold,
-    400-step cross-validation (docs/training.md) against the defaults' mean Dice of 0.798,
-    ``val_fraction = 0`` changed it by -0.004 and ``ema_decay = 0.99`` by -0.011 (worse on
-    every fold); ``edge_fraction`` was not measured.
+    (share of edge slices among the foreground draws); the measured effect of each is in
+    that section of docs/training.md, and none of them changed a default.
     """
 
     store: str
@@ -143,14 +141,6 @@ class TrainConfig:
                 self.threads is not None and self.threads < 1):
             bad(f"need num_workers >= 0 and threads >= 1, got {self.num_workers} and "
                 f"{self.threads}")
-
-    @property
-    def holds_out(self) -> bool:
-        """Whether validation cases are held out; False: validation only monitors, and the
-        final weights rather than the best-on-validation ones are the run's model."""
-        if self.val_cases is not None:
-            return bool(self.val_cases)
-        return self.val_fraction > 0
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

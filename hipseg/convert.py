@@ -44,6 +44,7 @@ from hipseg.safety import check_not_input, is_hipseg_store, owned_by_hipseg
 PLAN = "plan.json"
 BLOCKS = "blocks"
 STORE = "store.zarr"
+HEMISPHERES = "hemispheres"  # --label-map: the hemisphere crops the conversion reads
 
 
 @dataclass
@@ -323,7 +324,8 @@ def _finalise(work: str, plan: dict, shard: int, source: str, target: str, optio
 
 
 def _is_partial_run(path: Path) -> bool:
-    return (path / PLAN).is_file() or (path / STORE).is_dir() or (path / BLOCKS).is_dir()
+    # HEMISPHERES alone: a --label-map run stopped before its plan was written.
+    return any((path / name).exists() for name in (PLAN, STORE, BLOCKS, HEMISPHERES))
 
 
 def _existing_fingerprint(location: str, options: dict) -> str | None:
@@ -454,7 +456,7 @@ def convert(
         if plan is None:
             sides: dict[str, str] = {}
             if label_map is not None:  # full heads: one case per hippocampus, written in work/
-                sources, split_skipped, sides = split_sources(sources, label_map, Path(work) / "hemispheres")
+                sources, split_skipped, sides = split_sources(sources, label_map, Path(work) / HEMISPHERES)
                 skipped_early = skipped_early + split_skipped
             plan = _plan(sources, class_names, roi_shape, margin, runner, strict, fingerprint)
             plan["skipped"] = skipped_early + plan["skipped"]

@@ -15,7 +15,6 @@ partly present) against the *middle* slices.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from hipseg.localise import is_full_head, segment_head
 from hipseg.metrics import EDGE_FRACTION, dice_per_class, edge_middle_dice, hd95_missing, hd95_per_class
 from hipseg.nifti import from_canonical, load_case, to_canonical
 from hipseg.preprocess import normalise_intensity
-from hipseg.runs import SPLIT
+from hipseg.runs import SPLIT, write_json
 from hipseg.safety import check_not_input
 from hipseg.store import axis_index
 
@@ -103,8 +102,7 @@ def evaluate(
         None (all), ``"val"`` (the run's held-out cases) or a list of case ids.
     flip
         Test-time left-right flip (default on, ``inference.TEST_TIME_FLIP``): average the
-        softmax of each crop and its mirror (cropped cases; full heads go through
-        ``hipseg.localise``, which does its own mirroring).
+        softmax of each crop and its mirror (of each hemisphere crop for full heads).
     skip_bad
         A bad case (unreadable file, shape mismatch, label values...) is always skipped
         and listed in ``skipped`` with its reason, and every good one scored and written;
@@ -140,9 +138,9 @@ def evaluate(
         except InputError as error:
             skipped.append({"case": source.case_id, "reason": str(error)})
             continue
-        normalised, _, _ = normalise_intensity(case.image)
+        normalised, _, _ = normalise_intensity(case.image)  # also the overlays' image
         if is_full_head(case.original_shape, case.affine):  # hipseg.localise: both hippocampi
-            head = segment_head(runs, from_canonical(case.image, case.affine), case.affine)
+            head = segment_head(runs, from_canonical(case.image, case.affine), case.affine, flip=flip)
             result = Segmentation(to_canonical(head.label, case.affine), None, head.quality.localised)
             quality = {"localisation_confidence": head.quality.confidence,
                        "quality": "ok" if head.quality.ok else "flagged",
@@ -212,9 +210,7 @@ def evaluate(
     if json_out is not None:
         json_out = Path(json_out)
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = json_out.with_name(f".{json_out.name}.tmp{os.getpid()}")
-        temporary.write_text(json.dumps(document, indent=2))
-        os.replace(temporary, json_out)  # never half a JSON file
+        write_json(json_out, document)  # never half a JSON file
         report_dir = Path(report_dir) if report_dir is not None else json_out.parent
     if report_dir is not None:
         write_report(document, Path(report_dir), extremes, axis)

@@ -5,7 +5,7 @@ Follows ``$HIPSEG_DATA/fullhead/README.md``: a random affine in world space (rot
 view, voxel size and axis order, a smooth multiplicative bias field (±20 %) and a little
 noise, stored int16; the labels follow the same transform (nearest neighbour). The
 template is either the real MNI152 + FreeSurfer labels (tests, benchmarks) or, with no
-data at hand, hipseg's packaged 4 mm template with a synthetic tube painted at each
+data at hand, the ICBM152 template (read from nilearn) with a synthetic tube painted at each
 hippocampus (:func:`painted_template`: the demo and the synthetic tests).
 """
 

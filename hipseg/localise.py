@@ -1,7 +1,7 @@
 """Full-head scans: locate both hippocampi by affine registration, crop, segment, paste back.
 
 The method of hippodeep and HippMapp3r: an affine fit of the head to a template
-(here the MNI152 T1, 4 mm, shipped in ``hipseg/data``) places a fixed box per
+(here the MNI152 T1 that nilearn ships, block-averaged to 4 mm in memory) places a fixed box per
 hemisphere, whose centre comes from FreeSurfer's hippocampus labels in MNI space.
 Each step is a function of its own:
 
@@ -19,8 +19,8 @@ Each step is a function of its own:
    were smaller than the ROI (the Decathlon's ~35x50x36 in a 48x64x48 ROI, zero-padded),
    the crop keeps the same field of view (:func:`training_extent`, plus
    FIELD_OF_VIEW_MARGIN) and zeros around it, so it looks like what the model saw.
-4. :func:`segment_crop` — the run(s) on the crop and on its left-right mirror (the
-   training augmentation flips left-right), softmax averaged; a voxel is hippocampus
+4. :func:`segment_crop` — the run(s) on the crop and, by default, on its left-right
+   mirror (the training augmentation flips left-right), softmax averaged; a voxel is hippocampus
    where P(background) < 0.5, of the class most likely among the foreground ones; only
    the largest connected component is kept.
 5. :func:`paste_back` — every voxel of the scan's own grid takes the crop label
@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from hipseg.errors import ConfigError
-from hipseg.inference import run_probabilities
+from hipseg.inference import TEST_TIME_FLIP, run_probabilities
 from hipseg.preprocess import normalise_intensity
 from hipseg.runs import LoadedRun
 
@@ -317,11 +317,12 @@ def sample_crop(data: np.ndarray, affine: np.ndarray, grid: CropGrid,
     return out
 
 
-def segment_crop(runs: Sequence[LoadedRun], crop: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """uint8 labels of a normalised ROI crop; only the largest connected hippocampus component."""
-    mirrored = np.ascontiguousarray(crop[::-1])
-    probs = np.mean([run_probabilities(r, crop, batch_size) for r in runs]
-                    + [run_probabilities(r, mirrored, batch_size)[:, ::-1] for r in runs], axis=0)
+def segment_crop(runs: Sequence[LoadedRun], crop: np.ndarray, batch_size: int = 64,
+                 flip: bool = TEST_TIME_FLIP) -> np.ndarray:
+    """uint8 labels of a normalised ROI crop; only the largest connected hippocampus component.
+
+    ``flip``: test-time left-right flip (:func:`hipseg.inference.run_probabilities`)."""
+    probs = np.mean([run_probabilities(r, crop, batch_size, flip) for r in runs], axis=0)
     label = np.where(probs[0] < 0.5, probs[1:].argmax(0) + 1, 0).astype(np.uint8)
     components, n = ndimage.label(label > 0)
     if n > 1:
@@ -429,7 +430,8 @@ def check_volumes(volumes_mm3: dict[str, np.ndarray]) -> list[str]:
 
 def segment_head(runs: Sequence[LoadedRun], data: np.ndarray, affine: np.ndarray,
                  batch_size: int = 64, template: nib.Nifti1Image | None = None,
-                 registration: Registration | None = None) -> HeadSegmentation:
+                 registration: Registration | None = None,
+                 flip: bool = TEST_TIME_FLIP) -> HeadSegmentation:
     """Locate, crop, segment and paste back both hippocampi of a full-head scan.
 
     Parameters
@@ -440,6 +442,8 @@ def segment_head(runs: Sequence[LoadedRun], data: np.ndarray, affine: np.ndarray
         The scan as stored (X, Y, Z) in any orientation and voxel size, and its 4x4 RAS+ affine.
     registration
         A registration of this scan already made by :func:`register` (else made here).
+    flip
+        Test-time left-right flip of each hemisphere crop (:func:`segment_crop`).
 
     Returns
     -------
@@ -457,7 +461,7 @@ def segment_head(runs: Sequence[LoadedRun], data: np.ndarray, affine: np.ndarray
         voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
         extent = training_extent(runs[0])
         for grid in grids:
-            crop_label = segment_crop(runs, sample_crop(data, affine, grid, extent), batch_size)
+            crop_label = segment_crop(runs, sample_crop(data, affine, grid, extent), batch_size, flip)
             side = paste_back(crop_label, grid, data.shape, affine)
             side[label > 0] = 0  # a voxel belongs to one hemisphere (the first that claimed it)
             sides[grid.hemisphere] = side

@@ -130,8 +130,8 @@ def predict(run_dir: str | Path, inputs: str | Path, out: str | Path, *,
         raised at the end (its ``rows`` and ``skipped`` say what was done). When no input
         could be processed it is raised even with ``skip_bad``.
     flip
-        Test-time left-right flip of scans smaller than a head (default on,
-        ``inference.TEST_TIME_FLIP``); full heads are always mirrored by ``hipseg.localise``.
+        Test-time left-right flip (default on, ``inference.TEST_TIME_FLIP``), of crops and of
+        each hemisphere crop of a full head.
 
     Returns
     -------
@@ -158,7 +158,7 @@ def predict(run_dir: str | Path, inputs: str | Path, out: str | Path, *,
         voxel_mm3 = float(np.prod(case.spacing))
         row: dict[str, Any] = {"case": case.case_id, "input": str(path), "output": str(target)}
         if is_full_head(case.original_shape, case.affine):  # hipseg.localise: both hippocampi
-            head = segment_head(runs, from_canonical(case.image, case.affine), case.affine)
+            head = segment_head(runs, from_canonical(case.image, case.affine), case.affine, flip=flip)
             label = head.label
             row.update({"shape": "x".join(map(str, label.shape)), "voxel_mm3": voxel_mm3,
                         "located": head.quality.localised, **volume_columns(head, class_names)})

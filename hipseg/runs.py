@@ -49,6 +49,22 @@ SUMMARY = "run.json"
 CHECKPOINT_FORMAT = 1
 
 
+def explicit_settings(config_file: str | Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The settings a user gave: a JSON/TOML ``config_file``, then ``overrides`` (flags; None
+    values are ignored, and a flag changes one ``model_options``/``augment_options`` key, not
+    the whole table). ``steps`` without ``max_minutes`` drops the default time budget."""
+    explicit = dict(read_config_file(config_file)) if config_file else {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in ("model_options", "augment_options") and isinstance(explicit.get(key), dict):
+            value = {**explicit[key], **value}
+        explicit[key] = value
+    if "steps" in explicit and "max_minutes" not in explicit:
+        explicit["max_minutes"] = None
+    return explicit
+
+
 def build_config(store: str | Path | None, out: str | Path, *,
                  config_file: str | Path | None = None, resume: bool = False,
                  **overrides: Any) -> TrainConfig:
@@ -64,16 +80,7 @@ def build_config(store: str | Path | None, out: str | Path, *,
         if not saved.exists():
             raise ConfigError(f"{saved}: nothing to resume here; drop --resume to start a new run")
         settings.update(json.loads(saved.read_text()))
-    explicit = dict(read_config_file(config_file)) if config_file else {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key in ("model_options", "augment_options") and isinstance(explicit.get(key), dict):
-            value = {**explicit[key], **value}  # a flag changes one option, not the whole table
-        explicit[key] = value
-    if "steps" in explicit and "max_minutes" not in explicit:
-        explicit["max_minutes"] = None
-    settings.update(explicit)
+    settings.update(explicit_settings(config_file, overrides))
     if store is not None:
         settings["store"] = str(store)
     settings["out"] = str(out)
@@ -162,7 +169,8 @@ def atomic_save(obj: dict[str, Any], path: Path) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``data`` as JSON atomically: a temporary file (per process), then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
 
@@ -316,7 +324,8 @@ def prepare_folder(config: TrainConfig, store: HippocampusStore,
         saved = TrainConfig.from_dict(json.loads((run_dir / CONFIG).read_text()))
         check_resume(config, saved, run_dir)
         split = json.loads((run_dir / SPLIT).read_text())
-        split.setdefault("monitor", split["val"])
+        split.setdefault("monitor", split["val"])  # split.json of runs made before these keys
+        split.setdefault("selection", "best" if split["val"] else "final")
     else:
         if (run_dir / CHECKPOINT).exists():
             raise ConfigError(f"{run_dir}: holds a run already; pass --resume to continue it or "

@@ -2,8 +2,8 @@
 
 ``__getitems__`` must give each sample the numbers that ``ds[i]`` alone would give
 it. Seeding one ``numpy.random.Generator`` per sample does that, but costs about
-35 µs to seed and 100 µs with its draws per sample (measured on the 2-core
-development machine), several times the fused kernel's work on a slice. A
+37 µs per sample with its draws (1.2 ms per batch of 32, docs/benchmarks.md), close to
+the fused kernel's whole work on a slice. A
 counter-based generator has no state to seed: the k-th number of sample i is a
 pure hash of (key_i, k), computed for the whole batch in a few numpy operations.
 

@@ -385,12 +385,12 @@ def _train(config: TrainConfig, store: HippocampusStore, context: distributed.Co
                 append_metrics(run_dir / METRICS, {"kind": "val", "step": step, "dice": dice,
                                             "elapsed_s": round(elapsed, 3), "mean_dice": mean,
                                             "held_out": bool(val_cases)})
-                if not val_cases:  # monitoring only: the final weights are the run's model
+                # Without held-out cases validation only monitors: the last one stands.
+                if not val_cases or mean > state["best_mean_dice"]:
                     state.update(best_mean_dice=mean, best_step=step, best_dice=dice)
-                elif mean > state["best_mean_dice"]:
-                    state.update(best_mean_dice=mean, best_step=step, best_dice=dice)
-                    save_weights(run_dir / BEST, session.inference_model, config, meta, step,
-                                 dice)
+                    if val_cases:
+                        save_weights(run_dir / BEST, session.inference_model, config, meta,
+                                     step, dice)
                 postfix["val_dice"] = f"{mean:.3f}"
                 bar.set_postfix(postfix)
             if main and (step % config.checkpoint_every == 0 or finished):

@@ -75,7 +75,8 @@ def test_overwrite_replaces_a_hipseg_store_and_an_empty_folder_is_fine(data, tmp
     empty.mkdir()
     convert(data, empty, workers=1, progress=False, roi="32x48x32")
     convert(data, empty, workers=1, progress=False, overwrite=True)  # other options: a new store
-    assert open_store(empty).n_volumes == 12 and hashes(data) == before
+    store = open_store(empty)
+    assert store.n_volumes == 12 and store.roi_shape != (32, 48, 32) and hashes(data) == before
 
 
 def test_a_foreign_dot_partial_folder_is_not_deleted(data, tmp_path):
@@ -85,6 +86,15 @@ def test_a_foreign_dot_partial_folder_is_not_deleted(data, tmp_path):
     with pytest.raises(InputError, match="unfinished conversion"):
         convert(data, tmp_path / "out.zarr", workers=1, progress=False)
     assert (keep / "mine.txt").read_text() == "keep me"
+
+
+def test_a_label_map_run_stopped_before_its_plan_is_resumed(data, tmp_path):
+    """A --label-map conversion writes its hemisphere crops before plan.json: a rerun must
+    recognise that folder as its own unfinished work and finish."""
+    partial = tmp_path / "out.zarr.partial"
+    (partial / "hemispheres").mkdir(parents=True)
+    convert(data, tmp_path / "out.zarr", workers=1, progress=False)
+    assert open_store(tmp_path / "out.zarr").n_volumes == 12 and not partial.exists()
 
 
 # ---------------------------------------------------------------- predict
